@@ -1,0 +1,190 @@
+"""Settings and where they come from.
+
+Precedence, lowest first: the defaults below, the YAML file (`--config FILE` or
+ENDPOINT_BROKER_CONFIG), the environment (ENDPOINT_BROKER_<FIELD NAME>), then
+command-line flags. Every field can be set in YAML (by its name) and in the
+environment; the flags are --host, --mqtt-port, --http-port, --config and
+--log-level.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ENV_PREFIX = "ENDPOINT_BROKER_"
+
+
+class ConfigError(ValueError):
+    """A setting is missing, unknown or malformed; the message says which."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Where to listen. Loopback by default: exposing the service is a deliberate choice.
+    host: str = "127.0.0.1"
+    mqtt_port: int = 1883
+    http_port: int = 8080
+    log_level: str = "INFO"
+
+    # Token verification. With neither a secret nor a public key, dev mode.
+    jwt_secret: str | None = None
+    jwt_public_key_file: str | None = None
+    jwt_algorithms: list[str] | None = None  # default: HS256 and/or RS256/ES256, per key
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_leeway_seconds: float = 30.0
+    jwt_user_claim: str = "userId"
+    jwt_user_fallback_claim: str = "sub"
+    jwt_organization_claim: str = "organization_id"
+    jwt_roles_claim: str = "authorities"
+    jwt_service_roles: list[str] = field(default_factory=lambda: ["SERVICE", "ROLE_SERVICE"])
+
+    # Endpoint lifecycle.
+    max_keep_alive_seconds: int = 86_400
+    default_mqtt_keep_alive_seconds: int = 60
+    expiry_grace_ratio: float = 0.5
+    min_expiry_grace_seconds: float = 1.0
+    reminder_ratio: float = 2 / 3
+
+    # Delivery.
+    queue_max_events: int = 1000
+    queue_max_bytes: int = 1 << 20
+    ack_timeout_seconds: float = 10.0
+
+    # HTTP.
+    max_body_bytes: int = 64 * 1024
+    # One log line per request; off by default because it costs more than the request.
+    http_access_log: bool = False
+
+    # MQTT.
+    client_publish_allow: list[str] = field(default_factory=list)
+    connect_timeout_seconds: float = 10.0
+    mqtt_max_packet_bytes: int = 256 * 1024
+    mqtt_max_buffered_bytes: int = 4 * 1024 * 1024
+
+    @property
+    def dev_mode(self) -> bool:
+        return not self.jwt_secret and not self.jwt_public_key_file
+
+    def check(self) -> None:
+        for name in ("mqtt_port", "http_port"):
+            port = getattr(self, name)
+            if not 0 <= port <= 65535:
+                raise ConfigError(f"{name} must be a port number, got {port}")
+        if self.jwt_algorithms is not None and any(a.lower() == "none" for a in self.jwt_algorithms):
+            raise ConfigError("jwt_algorithms must never include 'none'")
+        if self.max_keep_alive_seconds < 1:
+            raise ConfigError("max_keep_alive_seconds must be at least 1")
+        if not 0 < self.reminder_ratio < 1:
+            raise ConfigError("reminder_ratio must be between 0 and 1")
+        if self.queue_max_events < 1 or self.queue_max_bytes < 1:
+            raise ConfigError("queue_max_events and queue_max_bytes must be positive")
+        if self.jwt_public_key_file and not Path(self.jwt_public_key_file).is_file():
+            raise ConfigError(f"jwt_public_key_file {self.jwt_public_key_file!r} does not exist")
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings, safe to log."""
+        values = dataclasses.asdict(self)
+        if values["jwt_secret"]:
+            values["jwt_secret"] = "***"  # noqa: S105 - the redaction marker
+        return values
+
+
+_HINTS = typing.get_type_hints(Settings)
+
+
+def _field_type(name: str) -> type:
+    """The concrete type of a field: `int | None` -> int, `list[str] | None` -> list."""
+    hint = _HINTS[name]
+    if isinstance(hint, types.UnionType):
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    origin = typing.get_origin(hint)
+    return origin if origin is not None else hint  # type: ignore[no-any-return]
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    kind = _field_type(name)
+    if value is None:
+        return None
+    try:
+        if kind is list:
+            if isinstance(value, str):
+                return [item.strip() for item in value.split(",") if item.strip()]
+            if isinstance(value, list) and all(isinstance(item, str) for item in value):
+                return value
+            raise ValueError("expected a list of strings")
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            lowered = str(value).strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if kind is int:
+            if isinstance(value, bool):
+                raise ValueError("expected an integer")
+            return int(value)
+        if kind is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: {name}: {exc}") from None
+
+
+def _from_yaml(path: str) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings")
+    known = {f.name for f in fields(Settings)}
+    values = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"config file {path}: unknown setting {key!r}")
+        values[name] = _coerce(name, value, path)
+    return values
+
+
+def _from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
+    values = {}
+    for f in fields(Settings):
+        variable = ENV_PREFIX + f.name.upper()
+        if variable in environ and environ[variable] != "":
+            values[f.name] = _coerce(f.name, environ[variable], variable)
+    return values
+
+
+def load_settings(
+    environ: Mapping[str, str],
+    config_file: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Settings from defaults, YAML file, environment and flag `overrides`, in that order."""
+    values: dict[str, Any] = {}
+    config_file = config_file or environ.get(ENV_PREFIX + "CONFIG") or None
+    if config_file:
+        values.update(_from_yaml(config_file))
+    values.update(_from_environment(environ))
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = _coerce(name, value, f"--{name.replace('_', '-')}")
+    settings = Settings(**values)
+    settings.check()
+    return settings

@@ -1,0 +1,54 @@
+"""Domain errors. Each names the offending field, so every adapter can report it.
+
+The HTTP bridge maps each class to one status code; the MQTT side maps the
+ones that can occur at CONNECT to CONNACK codes. Nothing here knows about HTTP.
+"""
+
+from __future__ import annotations
+
+
+class DomainError(Exception):
+    """Base class: a request the domain refuses, with the field to blame (if any)."""
+
+    title = "Request refused"
+
+    def __init__(self, detail: str, field: str | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.field = field
+
+
+class InvalidInput(DomainError):
+    """A value is missing, of the wrong type or out of range (HTTP 400)."""
+
+    title = "Invalid request"
+
+
+class NotAuthenticated(DomainError):
+    """No usable credentials: missing, malformed, expired or badly signed token (HTTP 401)."""
+
+    title = "Not authenticated"
+
+
+class Forbidden(DomainError):
+    """The caller is known but may not do this (HTTP 403)."""
+
+    title = "Forbidden"
+
+
+class NotFound(DomainError):
+    """No such thing visible to the caller (HTTP 404). Used for other organisations' data too."""
+
+    title = "Not found"
+
+
+class Conflict(DomainError):
+    """The id is taken by another owner (HTTP 409)."""
+
+    title = "Conflict"
+
+
+class Unavailable(DomainError):
+    """Nothing could take the request right now, e.g. every target queue is full (HTTP 503)."""
+
+    title = "Service unavailable"

@@ -1,0 +1,146 @@
+"""sendEvent's rules: what a valid event is, and how masks hide fields before logging.
+
+Masks are JSONPath expressions (jsonpath-ng, extended syntax). Every string a
+mask matches is replaced by `*` of the same length in anything logged or stored;
+subscribers always receive the event as given.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from cachetools import LRUCache
+from jsonpath_ng.ext.parser import parse as parse_jsonpath
+
+from endpoint_core.errors import InvalidInput
+from endpoint_core.ids import endpoint_id_problem
+
+# A capital first letter, at least two CamelCase words (a noun and a verb), then
+# `Event`: CallCreatedEvent, ConferenceStreamPublishedEvent. Acronyms are
+# written as words (SipCallCreatedEvent), as in the platform's own event names.
+EVENT_TYPE = re.compile(r"(?:[A-Z][a-z0-9]+){2,}Event")
+# An ISO-8601 instant in UTC with the Z suffix and optional fractional seconds.
+EVENT_TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?Z")
+
+_compiled_masks: LRUCache[str, Any] = LRUCache(maxsize=1024)
+
+
+@dataclass(frozen=True, slots=True)
+class SendEventCommand:
+    event: dict[str, Any]
+    user_id: str
+    endpoint_id: str | None
+    organization_id: str | None
+    qos: int  # 1 = at least once, 0 = best effort
+    masks: tuple[Any, ...]  # compiled JSONPath expressions
+
+
+def parse_send_event(body: object) -> SendEventCommand:
+    """Validate a SendEventToUserWebCommand. Raises InvalidInput naming the field."""
+    if not isinstance(body, Mapping):
+        raise InvalidInput("the request body must be a JSON object", "body")
+    event = body.get("event")
+    if not isinstance(event, dict):
+        raise InvalidInput("event must be a JSON object", "event")
+    validate_event(event)
+    user_id = body.get("userId")
+    if not isinstance(user_id, str) or not user_id:
+        raise InvalidInput("userId is required and must be a non-empty string", "userId")
+    endpoint_id = body.get("userEndpointId")
+    if endpoint_id is not None:
+        problem = endpoint_id_problem(endpoint_id)
+        if problem is not None:
+            raise InvalidInput(f"userEndpointId {problem}", "userEndpointId")
+    organization_id = body.get("organizationId")
+    if organization_id is not None and (not isinstance(organization_id, str) or not organization_id):
+        raise InvalidInput("organizationId must be a non-empty string", "organizationId")
+    return SendEventCommand(
+        event=event,
+        user_id=user_id,
+        endpoint_id=endpoint_id,
+        organization_id=organization_id,
+        qos=_qos(body.get("qos")),
+        masks=compile_masks(body.get("masks"), event),
+    )
+
+
+def validate_event(event: Mapping[str, Any]) -> None:
+    event_type = event.get("type")
+    if not isinstance(event_type, str) or not EVENT_TYPE.fullmatch(event_type):
+        raise InvalidInput(
+            "event.type must be CamelCase with a capital first letter, a noun and a verb, "
+            "ending in 'Event' (e.g. CallCreatedEvent)",
+            "event.type",
+        )
+    timestamp = event.get("timestamp")
+    if not isinstance(timestamp, str) or not _is_instant(timestamp):
+        raise InvalidInput(
+            "event.timestamp must be an ISO-8601 instant such as 2011-12-03T10:15:30Z", "event.timestamp"
+        )
+
+
+def _is_instant(text: str) -> bool:
+    if not EVENT_TIMESTAMP.fullmatch(text):
+        return False
+    try:
+        datetime.strptime(text[:19], "%Y-%m-%dT%H:%M:%S")
+    except ValueError:
+        return False
+    return True
+
+
+def _qos(value: object) -> int:
+    """1 is at least once; 0, absent or any other integer is best effort, as the spec says."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput("qos must be an integer", "qos")
+    return 1 if value == 1 else 0
+
+
+def compile_masks(masks: object, event: Mapping[str, Any]) -> tuple[Any, ...]:
+    """Parse each mask and check that everything it matches in `event` is a string."""
+    if masks is None:
+        return ()
+    if not isinstance(masks, list):
+        raise InvalidInput("masks must be a list of JSONPath strings", "masks")
+    compiled = []
+    for index, mask in enumerate(masks):
+        field = f"masks[{index}]"
+        if not isinstance(mask, str) or not mask:
+            raise InvalidInput(f"{field} must be a non-empty JSONPath string", field)
+        expression = _compile(mask, field)
+        for match in expression.find(event):
+            if not isinstance(match.value, str):
+                raise InvalidInput(
+                    f"{field} matches {match.full_path} whose value is not a string; masked fields must be strings",
+                    field,
+                )
+        compiled.append(expression)
+    return tuple(compiled)
+
+
+def _compile(mask: str, field: str) -> Any:
+    expression = _compiled_masks.get(mask)
+    if expression is None:
+        try:
+            expression = parse_jsonpath(mask)
+        except Exception as exc:  # jsonpath-ng raises plain Exceptions from its lexer and parser
+            raise InvalidInput(f"{field} is not a valid JSONPath expression: {exc}", field) from None
+        _compiled_masks[mask] = expression
+    return expression
+
+
+def masked(event: Mapping[str, Any], masks: Sequence[Any]) -> dict[str, Any]:
+    """A copy of `event` with each masked string replaced by '*' of the same length."""
+    result = copy.deepcopy(dict(event))
+    for expression in masks:
+        for match in expression.find(result):
+            if isinstance(match.value, str):
+                match.full_path.update(result, "*" * len(match.value))
+    return result

@@ -1,0 +1,52 @@
+"""Drives the table's timers from the asyncio loop: one TimerHandle, armed for the earliest deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+
+from endpoint_core.clock import Clock, monotonic
+from endpoint_core.table import EndpointTable
+
+log = logging.getLogger("endpoint_broker.expiry")
+
+
+class ExpiryDriver:
+    def __init__(self, table: EndpointTable, clock: Clock = monotonic) -> None:
+        self._table = table
+        self._clock = clock
+        self._handle: asyncio.TimerHandle | None = None
+        self._armed_for = math.inf
+
+    def start(self) -> None:
+        self._table.on_earlier_deadline = self._arm
+        self._fire()
+
+    def stop(self) -> None:
+        self._table.on_earlier_deadline = None
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _arm(self, when: float) -> None:
+        if self._handle is not None and self._armed_for <= when:
+            return
+        if self._handle is not None:
+            self._handle.cancel()
+        self._armed_for = when
+        delay = max(0.0, when - self._clock())
+        self._handle = asyncio.get_running_loop().call_later(delay, self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        self._armed_for = math.inf
+        try:
+            self._table.advance()
+        except Exception:
+            log.exception("expiry pass failed; retrying in a second")
+            self._arm(self._clock() + 1.0)
+            return
+        deadline = self._table.next_deadline()
+        if deadline is not None:
+            self._arm(deadline)

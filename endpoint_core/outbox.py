@@ -1,0 +1,98 @@
+"""A bounded per-endpoint queue of QoS 1 events awaiting PUBACK.
+
+amqtt drops an unacknowledged QoS 1 message after 5 s, so at-least-once is kept
+here: an event leaves the outbox only when every PUBLISH sent for it has been
+acknowledged, or when its endpoint dies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+MAX_PACKET_ID = 65535
+
+
+@dataclass(slots=True, eq=False)
+class PendingEvent:
+    payload: bytes
+    # PUBLISHes sent on the current link and not yet acknowledged: packet id -> topic.
+    unacked: dict[int, str] = field(default_factory=dict)
+    sent_at: float | None = None  # None: not yet sent on the current link
+    sends: int = 0  # how many times it was sent on any link, for the DUP flag
+
+
+class Outbox:
+    """Ordered pending events, bounded by count and payload bytes."""
+
+    __slots__ = ("_by_packet", "_bytes", "_next_packet_id", "_pending", "max_bytes", "max_count")
+
+    def __init__(self, max_count: int, max_bytes: int) -> None:
+        self.max_count = max_count
+        self.max_bytes = max_bytes
+        self._pending: dict[int, PendingEvent] = {}  # id(event) -> event, in arrival order
+        self._by_packet: dict[int, PendingEvent] = {}
+        self._bytes = 0
+        self._next_packet_id = 0
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    @property
+    def byte_size(self) -> int:
+        return self._bytes
+
+    def offer(self, payload: bytes) -> PendingEvent | None:
+        """Queue an event, or return None when the queue is full."""
+        size = len(payload)
+        if len(self._pending) >= self.max_count or self._bytes + size > self.max_bytes:
+            return None
+        event = PendingEvent(payload)
+        self._pending[id(event)] = event
+        self._bytes += size
+        return event
+
+    def unsent(self) -> Iterator[PendingEvent]:
+        """Events not yet sent on the current link, oldest first."""
+        return (e for e in list(self._pending.values()) if e.sent_at is None)
+
+    def overdue(self, now: float, timeout: float) -> Iterator[PendingEvent]:
+        """Events sent on the current link whose PUBACK is later than `timeout`."""
+        return (
+            e for e in list(self._pending.values())
+            if e.sent_at is not None and e.unacked and now - e.sent_at >= timeout
+        )
+
+    def next_retry_at(self, timeout: float) -> float | None:
+        times = [e.sent_at for e in self._pending.values() if e.sent_at is not None and e.unacked]
+        return min(times) + timeout if times else None
+
+    def allocate_packet_id(self) -> int:
+        """A packet id not in use by any unacknowledged PUBLISH (the outbox bound keeps them few)."""
+        while True:
+            self._next_packet_id = self._next_packet_id % MAX_PACKET_ID + 1
+            if self._next_packet_id not in self._by_packet:
+                return self._next_packet_id
+
+    def record_send(self, event: PendingEvent, packet_id: int, topic: str) -> None:
+        event.unacked[packet_id] = topic
+        self._by_packet[packet_id] = event
+
+    def acknowledge(self, packet_id: int) -> bool:
+        """Handle a PUBACK. True when it completed an event, which then leaves the outbox."""
+        event = self._by_packet.pop(packet_id, None)
+        if event is None:
+            return False
+        event.unacked.pop(packet_id, None)
+        if event.unacked:
+            return False
+        if self._pending.pop(id(event), None) is not None:
+            self._bytes -= len(event.payload)
+        return True
+
+    def link_lost(self) -> None:
+        """The link went away: everything unacknowledged must be sent again on the next one."""
+        self._by_packet.clear()
+        for event in self._pending.values():
+            event.unacked.clear()
+            event.sent_at = None

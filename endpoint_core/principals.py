@@ -1,0 +1,233 @@
+"""Who is calling: JWT bearer tokens turned into principals.
+
+One verifier serves the HTTP bridge and the MQTT CONNECT path, so a token is
+accepted or refused the same way on both sides. `TokenVerifier` is the small
+interface both adapters depend on; `JwtVerifier` is the implementation.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import jwt
+from cachetools import TLRUCache
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from endpoint_core.errors import NotAuthenticated
+
+HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+RSA_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
+EC_ALGORITHMS = frozenset({"ES256", "ES384", "ES512"})
+
+# Verified tokens are remembered for at most this long (and never past `exp`),
+# so a burst of requests with one token pays for one signature check.
+_CACHE_SECONDS = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An authenticated caller."""
+
+    user_id: str
+    organization_id: str | None
+    is_service: bool
+    expires_at: float  # the token's `exp`, in Unix seconds
+
+    def owns(self, user_id: str, organization_id: str) -> bool:
+        return self.user_id == user_id and self.organization_id == organization_id
+
+
+class TokenVerifier(Protocol):
+    def verify(self, token: str) -> Principal:
+        """Return the token's principal, or raise NotAuthenticated saying why."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimNames:
+    """Where a token keeps each fact. Defaults follow the platform's tokens."""
+
+    user: str = "userId"
+    user_fallback: str = "sub"
+    organization: str = "organization_id"
+    roles: str = "authorities"
+    service_roles: frozenset[str] = field(default_factory=lambda: frozenset({"SERVICE", "ROLE_SERVICE"}))
+
+
+def load_public_key(pem: bytes) -> tuple[Any, frozenset[str]]:
+    """Load a PEM public key and the algorithm family it can verify."""
+    key = load_pem_public_key(pem)
+    if isinstance(key, rsa.RSAPublicKey):
+        return key, RSA_ALGORITHMS
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return key, EC_ALGORITHMS
+    raise ValueError("the public key must be an RSA or EC key")
+
+
+class JwtVerifier:
+    """Verifies signed JWTs against configured keys and algorithms.
+
+    `alg: none` can never be configured. `exp` is required and checked, `nbf`
+    is checked when present, both with `leeway_seconds`.
+    """
+
+    def __init__(
+        self,
+        *,
+        secret: str | None = None,
+        public_key_pem: bytes | None = None,
+        algorithms: Sequence[str] | None = None,
+        issuer: str | None = None,
+        audience: str | None = None,
+        leeway_seconds: float = 30.0,
+        claims: ClaimNames | None = None,
+        cache_size: int = 10_000,
+    ) -> None:
+        keys: dict[str, Any] = {}
+        if secret:
+            keys.update(dict.fromkeys(HMAC_ALGORITHMS, secret))
+        if public_key_pem:
+            key, family = load_public_key(public_key_pem)
+            keys.update(dict.fromkeys(family, key))
+        if not keys:
+            raise ValueError("a JWT secret or a public key is required")
+        if algorithms is None:
+            # Default to the one common algorithm of each configured key type.
+            algorithms = [a for a in ("HS256", "RS256", "ES256") if a in keys]
+        unknown = [a for a in algorithms if a not in keys]
+        if unknown:
+            raise ValueError(f"no configured key can verify algorithm(s) {', '.join(unknown)}")
+        if not algorithms:
+            raise ValueError("at least one JWT algorithm must be accepted")
+        self._keys = {a: keys[a] for a in algorithms}
+        self._issuer = issuer
+        self._audience = audience
+        self._leeway = leeway_seconds
+        self._claims = claims or ClaimNames()
+        self._cache: TLRUCache[str, Principal] = TLRUCache(
+            maxsize=cache_size, ttu=_cache_until, timer=time.time
+        )
+
+    @property
+    def algorithms(self) -> tuple[str, ...]:
+        return tuple(self._keys)
+
+    def verify(self, token: str) -> Principal:
+        cached = self._cache.get(token)
+        if cached is not None:
+            return cached
+        principal = self._verify_uncached(token)
+        self._cache[token] = principal
+        return principal
+
+    def _verify_uncached(self, token: str) -> Principal:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError as exc:
+            raise NotAuthenticated(f"malformed token: {exc}", "Authorization") from None
+        algorithm = header.get("alg")
+        key = self._keys.get(algorithm) if isinstance(algorithm, str) else None
+        if key is None:
+            raise NotAuthenticated(f"token algorithm {algorithm!r} is not accepted", "Authorization")
+        assert isinstance(algorithm, str)
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[algorithm],
+                issuer=self._issuer,
+                audience=self._audience,
+                leeway=self._leeway,
+                options={"require": ["exp"], "verify_aud": self._audience is not None},
+            )
+        except jwt.ExpiredSignatureError:
+            raise NotAuthenticated("token has expired", "Authorization") from None
+        except jwt.ImmatureSignatureError:
+            raise NotAuthenticated("token is not valid yet (nbf)", "Authorization") from None
+        except jwt.InvalidSignatureError:
+            raise NotAuthenticated("token signature is invalid", "Authorization") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise NotAuthenticated(f"token lacks the {exc.claim!r} claim", "Authorization") from None
+        except jwt.InvalidIssuerError:
+            raise NotAuthenticated("token issuer is not accepted", "Authorization") from None
+        except jwt.InvalidAudienceError:
+            raise NotAuthenticated("token audience is not accepted", "Authorization") from None
+        except jwt.InvalidTokenError as exc:
+            raise NotAuthenticated(f"invalid token: {exc}", "Authorization") from None
+        return self._principal_from(claims)
+
+    def _principal_from(self, claims: Mapping[str, Any]) -> Principal:
+        names = self._claims
+        user = claims.get(names.user) or claims.get(names.user_fallback)
+        if not isinstance(user, str) or not user:
+            raise NotAuthenticated(
+                f"token has no {names.user!r} or {names.user_fallback!r} claim", "Authorization"
+            )
+        organization = claims.get(names.organization)
+        if isinstance(organization, int) and not isinstance(organization, bool):
+            organization = str(organization)
+        if organization is not None and (not isinstance(organization, str) or not organization):
+            raise NotAuthenticated(f"token claim {names.organization!r} must be a string", "Authorization")
+        is_service = bool(names.service_roles & set(_roles_of(claims.get(names.roles))))
+        if organization is None and not is_service:
+            # Organisation scoping is the isolation boundary; a user without one
+            # would land in a shared "no organisation" scope, so refuse it.
+            raise NotAuthenticated(f"token has no {names.organization!r} claim", "Authorization")
+        expires_at = claims["exp"]
+        if not isinstance(expires_at, int | float):
+            raise NotAuthenticated("token claim 'exp' must be a number", "Authorization")
+        return Principal(user, organization, is_service, float(expires_at))
+
+
+def _roles_of(value: object) -> list[str]:
+    """Roles as a list: Spring style lists, a space separated string, or {"authority": ...} items."""
+    if isinstance(value, str):
+        return value.split()
+    if isinstance(value, list):
+        roles = []
+        for item in value:
+            if isinstance(item, str):
+                roles.append(item)
+            elif isinstance(item, dict) and isinstance(item.get("authority"), str):
+                roles.append(item["authority"])
+        return roles
+    return []
+
+
+def _cache_until(_token: str, principal: Principal, now: float) -> float:
+    return min(principal.expires_at, now + _CACHE_SECONDS)
+
+
+def mint_token(
+    secret: str,
+    *,
+    user_id: str,
+    organization_id: str | None,
+    roles: Sequence[str] = ("ROLE_USER",),
+    ttl_seconds: float = 3600.0,
+    claims: ClaimNames | None = None,
+    issuer: str | None = None,
+    audience: str | None = None,
+    now: float | None = None,
+) -> str:
+    """An HS256 token in the platform's shape, for development and tests."""
+    names = claims or ClaimNames()
+    issued = time.time() if now is None else now
+    payload: dict[str, Any] = {
+        "sub": user_id,
+        names.user: user_id,
+        names.roles: list(roles),
+        "iat": int(issued),
+        "exp": int(issued + ttl_seconds),
+    }
+    if organization_id is not None:
+        payload[names.organization] = organization_id
+    if issuer is not None:
+        payload["iss"] = issuer
+    if audience is not None:
+        payload["aud"] = audience
+    return jwt.encode(payload, secret, algorithm="HS256")

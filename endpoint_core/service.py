@@ -1,0 +1,194 @@
+"""The endpoint service: the operations both adapters offer, with their access rules.
+
+Access rules, in one place:
+- a normal caller acts on its own endpoints; another user's endpoint in the same
+  organisation is Forbidden; an endpoint in another organisation is NotFound,
+  exactly like an unknown id, so nothing leaks across organisations;
+- a SERVICE caller bypasses organisation scoping (the platform's rule), but must
+  name the organisation when it sends an event.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from endpoint_core.endpoint import EndpointLink, UserEndpoint
+from endpoint_core.errors import Forbidden, InvalidInput, NotAuthenticated, NotFound, Unavailable
+from endpoint_core.events import masked, parse_send_event
+from endpoint_core.ids import require_endpoint_id
+from endpoint_core.principals import Principal, TokenVerifier
+from endpoint_core.table import EndpointTable
+
+log = logging.getLogger("endpoint_broker.service")
+event_log = logging.getLogger("endpoint_broker.events")
+
+
+def _json(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class EndpointService:
+    def __init__(self, table: EndpointTable, verifier: TokenVerifier) -> None:
+        self.table = table
+        self.verifier = verifier
+
+    # ---------------------------------------------------------- identity
+
+    def authenticate_bearer(self, authorization: str | None) -> Principal:
+        """The principal of an `Authorization: Bearer <jwt>` header."""
+        if not authorization:
+            raise NotAuthenticated("the Authorization header is missing", "Authorization")
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise NotAuthenticated("the Authorization header must be 'Bearer <token>'", "Authorization")
+        return self.verifier.verify(token.strip())
+
+    # ------------------------------------------------------------ REST
+
+    def register(self, principal: Principal, body: object) -> UserEndpoint:
+        command = _object(body)
+        keep_alive = command.get("keepAliveSeconds")
+        if isinstance(keep_alive, bool) or not isinstance(keep_alive, int):
+            raise InvalidInput("keepAliveSeconds is required and must be an integer", "keepAliveSeconds")
+        reminder = command.get("serverKeepAliveReminderOn")
+        if reminder is None:
+            reminder = False
+        if not isinstance(reminder, bool):
+            raise InvalidInput("serverKeepAliveReminderOn must be a boolean", "serverKeepAliveReminderOn")
+        endpoint_id = command.get("userEndpointId")
+        if endpoint_id is not None:
+            endpoint_id = require_endpoint_id(endpoint_id)
+        endpoint, created = self.table.register(
+            principal.user_id, principal.organization_id, endpoint_id, keep_alive, reminder
+        )
+        log.info("endpoint %s %s by user %s", endpoint.id, "registered" if created else "re-registered",
+                 principal.user_id)
+        return endpoint
+
+    def keepalive(self, principal: Principal, body: object) -> None:
+        endpoint = self._visible(principal, _endpoint_id_of(_object(body)))
+        self.table.keepalive(endpoint)
+
+    def unregister(self, principal: Principal, body: object) -> None:
+        command = _object(body)
+        endpoint = self._visible(principal, _endpoint_id_of(command))
+        reason = command.get("reason")
+        if reason is not None and not isinstance(reason, str):
+            raise InvalidInput("reason must be a string", "reason")
+        self.table.remove(endpoint, f"unregistered: {reason[:200]}" if reason else "unregistered")
+
+    def get(self, principal: Principal, endpoint_id: str) -> UserEndpoint:
+        return self._visible(principal, endpoint_id)
+
+    def list(
+        self, principal: Principal, user_id: str | None = None, organization_id: str | None = None
+    ) -> list[UserEndpoint]:
+        if not principal.is_service:
+            if user_id is not None and user_id != principal.user_id:
+                raise Forbidden("only SERVICE callers may list another user's endpoints", "userId")
+            if organization_id is not None and organization_id != principal.organization_id:
+                raise Forbidden("only SERVICE callers may list another organisation", "organizationId")
+            assert principal.organization_id is not None  # the verifier guarantees it for users
+            return self.table.endpoints_of(principal.organization_id, principal.user_id)
+        if user_id is None and organization_id is None:
+            user_id, organization_id = principal.user_id, principal.organization_id
+        if user_id is not None and organization_id is not None:
+            return self.table.endpoints_of(organization_id, user_id)
+        return [
+            e for e in self.table
+            if (user_id is None or e.user_id == user_id)
+            and (organization_id is None or e.organization_id == organization_id)
+        ]
+
+    def send_event(self, principal: Principal, body: object) -> int:
+        """Deliver an event to one or all endpoints of a user. Returns how many took it."""
+        command = parse_send_event(body)
+        organization_id = self._target_organization(principal, command.organization_id)
+        if command.endpoint_id is not None:
+            endpoint = self.table.get(command.endpoint_id)
+            if (
+                endpoint is None
+                or endpoint.user_id != command.user_id
+                or endpoint.organization_id != organization_id
+            ):
+                raise NotFound(
+                    "userEndpointId is not an endpoint of this user in this organisation", "userEndpointId"
+                )
+            targets = [endpoint]
+        else:
+            targets = self.table.endpoints_of(organization_id, command.user_id)
+        report = self.table.deliver(targets, _json(command.event), command.qos)
+        if report.full:
+            log.warning(
+                "sendEvent %s: queue full, event not taken by endpoint(s) %s",
+                command.event["type"], ", ".join(report.full),
+            )
+        if event_log.isEnabledFor(logging.INFO):
+            event_log.info("sendEvent %s", json.dumps({
+                "type": command.event["type"],
+                "organizationId": organization_id,
+                "userId": command.user_id,
+                "userEndpointId": command.endpoint_id,
+                "endpoints": report.delivered,
+                "qos": command.qos,
+                "event": masked(command.event, command.masks),
+            }, ensure_ascii=False))
+        if report.full and report.delivered == 0:
+            raise Unavailable(
+                "no targeted endpoint could take the event: their queues are full", "userEndpointId"
+            )
+        return report.delivered
+
+    # ------------------------------------------------------------ MQTT
+
+    def connect(
+        self,
+        principal: Principal,
+        endpoint_id: str,
+        mqtt_keep_alive: int,
+        link: EndpointLink,
+        persistent_session: bool,
+    ) -> tuple[UserEndpoint, bool]:
+        return self.table.connect(
+            principal.user_id, principal.organization_id, endpoint_id, mqtt_keep_alive, link,
+            persistent_session,
+        )
+
+    # --------------------------------------------------------- helpers
+
+    def _visible(self, principal: Principal, endpoint_id: str) -> UserEndpoint:
+        endpoint = self.table.get(endpoint_id)
+        if endpoint is None or (
+            not principal.is_service and endpoint.organization_id != principal.organization_id
+        ):
+            raise NotFound(f"no endpoint {endpoint_id!r}", "userEndpointId")
+        if not principal.is_service and endpoint.user_id != principal.user_id:
+            raise Forbidden("the endpoint belongs to another user", "userEndpointId")
+        return endpoint
+
+    @staticmethod
+    def _target_organization(principal: Principal, requested: str | None) -> str:
+        if principal.is_service:
+            if requested is None:
+                raise InvalidInput("SERVICE callers must give organizationId", "organizationId")
+            return requested
+        if requested is not None and requested != principal.organization_id:
+            raise Forbidden("organizationId differs from the token's organisation", "organizationId")
+        assert principal.organization_id is not None  # the verifier guarantees it for users
+        return principal.organization_id
+
+
+def _object(body: object) -> Mapping[str, Any]:
+    if not isinstance(body, Mapping):
+        raise InvalidInput("the request body must be a JSON object", "body")
+    return body
+
+
+def _endpoint_id_of(command: Mapping[str, Any]) -> str:
+    endpoint_id = command.get("userEndpointId")
+    if endpoint_id is None:
+        raise InvalidInput("userEndpointId is required", "userEndpointId")
+    return require_endpoint_id(endpoint_id)

@@ -1,0 +1,437 @@
+"""The endpoint table: every registered endpoint, its keepalive schedule and its delivery queue.
+
+Everything here is synchronous and runs on the event loop thread, so each method
+keeps the table's invariants on its own, whatever order the transport callbacks
+arrive in:
+
+- an endpoint id maps to exactly one owner (user and organisation);
+- an endpoint has at most one live link; a link that was replaced or removed
+  can no longer change anything (every link-bound call compares identities);
+- a removed endpoint has no link, no queue and no pending timer.
+
+Expiry runs from a heap with one live entry per endpoint. A keepalive only moves
+`last_keepalive` forward, which can only make the endpoint's next event later, so
+it costs O(1) and leaves the heap alone; when the old entry comes due, the
+endpoint is looked at and re-armed for its real next event.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+from endpoint_core.clock import Clock, monotonic, wall_time_of
+from endpoint_core.endpoint import EndpointLink, EndpointState, Origin, UserEndpoint
+from endpoint_core.errors import Conflict, Forbidden, InvalidInput
+from endpoint_core.ids import new_endpoint_id, require_endpoint_id
+from endpoint_core.outbox import Outbox, PendingEvent
+from endpoint_core.reminders import keepalive_reminder
+
+log = logging.getLogger("endpoint_broker.table")
+
+
+@dataclass(frozen=True, slots=True)
+class TablePolicy:
+    max_keep_alive_seconds: int = 86_400
+    # keepAliveSeconds for an endpoint made by an MQTT CONNECT with keep-alive 0.
+    default_mqtt_keep_alive_seconds: int = 60
+    # An endpoint expires this long after its deadline: max(minimum, ratio * keepAliveSeconds).
+    expiry_grace_ratio: float = 0.5
+    min_expiry_grace_seconds: float = 1.0
+    # The reminder goes out at this fraction of keepAliveSeconds after the last keepalive.
+    reminder_ratio: float = 2 / 3
+    queue_max_events: int = 1000
+    queue_max_bytes: int = 1 << 20
+    # An unacknowledged QoS 1 PUBLISH is sent again (DUP) after this long.
+    ack_timeout_seconds: float = 10.0
+
+
+@dataclass(slots=True)
+class DeliveryReport:
+    delivered: int = 0  # QoS 0: written to a live subscription. QoS 1: queued or sent.
+    full: list[str] = field(default_factory=list)  # endpoints whose queue could not take it
+
+
+class EndpointTable:
+    def __init__(self, policy: TablePolicy | None = None, clock: Clock = monotonic) -> None:
+        self.policy = policy or TablePolicy()
+        self._clock = clock
+        self._by_id: dict[str, UserEndpoint] = {}
+        self._by_owner: dict[tuple[str, str], dict[str, UserEndpoint]] = {}
+        self._heap: list[tuple[float, int, UserEndpoint]] = []
+        self._tokens = itertools.count(1)
+        # Called with the new earliest deadline whenever it moves earlier, so a
+        # driver can sleep until exactly then (see endpoint_core.expiry).
+        self.on_earlier_deadline: Callable[[float], None] | None = None
+
+    # ----------------------------------------------------------------- queries
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def get(self, endpoint_id: str) -> UserEndpoint | None:
+        return self._by_id.get(endpoint_id)
+
+    def endpoints_of(self, organization_id: str, user_id: str) -> list[UserEndpoint]:
+        return list(self._by_owner.get((organization_id, user_id), {}).values())
+
+    def __iter__(self) -> Iterator[UserEndpoint]:
+        return iter(list(self._by_id.values()))
+
+    # ---------------------------------------------------------- registration
+
+    def register(
+        self,
+        user_id: str,
+        organization_id: str | None,
+        endpoint_id: str | None,
+        keep_alive_seconds: int,
+        reminder_on: bool,
+    ) -> tuple[UserEndpoint, bool]:
+        """Register (or re-register) an endpoint over REST. Returns it and whether it is new."""
+        owner_org = self._require_organization(organization_id)
+        self._check_keep_alive(keep_alive_seconds)
+        endpoint_id = new_endpoint_id() if endpoint_id is None else require_endpoint_id(endpoint_id)
+        now = self._clock()
+        endpoint = self._by_id.get(endpoint_id)
+        if endpoint is None:
+            endpoint = self._create(endpoint_id, user_id, owner_org, keep_alive_seconds, reminder_on,
+                                    Origin.REST, now)
+            return endpoint, True
+        self._check_owner(endpoint, user_id, owner_org)
+        # Updated in place; a REST registration also takes ownership of the
+        # lifecycle, so a later clean MQTT DISCONNECT no longer unregisters it.
+        endpoint.keep_alive_seconds = keep_alive_seconds
+        endpoint.server_keep_alive_reminder_on = reminder_on
+        endpoint.origin = Origin.REST
+        endpoint.version += 1
+        self._keepalive(endpoint, now)
+        self._arm(endpoint, now)
+        return endpoint, False
+
+    def keepalive(self, endpoint: UserEndpoint) -> None:
+        if not endpoint.removed:
+            self._keepalive(endpoint, self._clock())
+
+    def touch(self, endpoint: UserEndpoint, link: EndpointLink) -> None:
+        """Any packet from an attached MQTT client: a keepalive, if `link` is still the live one."""
+        if endpoint.link is link:
+            self._keepalive(endpoint, self._clock())
+
+    def remove(self, endpoint: UserEndpoint, reason: str) -> None:
+        """Unregister: drop the endpoint and its queue, and close its connection."""
+        if endpoint.removed:
+            return
+        endpoint.removed = True
+        endpoint.timer_token = 0
+        del self._by_id[endpoint.id]
+        owner = (endpoint.organization_id, endpoint.user_id)
+        siblings = self._by_owner[owner]
+        del siblings[endpoint.id]
+        if not siblings:
+            del self._by_owner[owner]
+        if endpoint.outbox is not None and len(endpoint.outbox):
+            log.warning(
+                "endpoint %s removed (%s) with %d undelivered QoS 1 event(s); they are dropped with it",
+                endpoint.id, reason, len(endpoint.outbox),
+            )
+        endpoint.outbox = None
+        endpoint.subscriptions = []
+        link, endpoint.link = endpoint.link, None
+        log.info("endpoint %s removed: %s", endpoint.id, reason)
+        if link is not None:
+            link.close(reason)
+
+    # ------------------------------------------------------------ MQTT links
+
+    def connect(
+        self,
+        user_id: str,
+        organization_id: str | None,
+        endpoint_id: str,
+        mqtt_keep_alive: int,
+        link: EndpointLink,
+        persistent_session: bool,
+    ) -> tuple[UserEndpoint, bool]:
+        """Attach an authenticated MQTT connection; register the endpoint if it is new.
+
+        Returns the endpoint and the MQTT "session present" flag. A previous link
+        of the same endpoint is closed: the newest connection wins.
+        """
+        owner_org = self._require_organization(organization_id)
+        require_endpoint_id(endpoint_id, "client id")
+        keep_alive = min(
+            mqtt_keep_alive or self.policy.default_mqtt_keep_alive_seconds,
+            self.policy.max_keep_alive_seconds,
+        )
+        now = self._clock()
+        endpoint = self._by_id.get(endpoint_id)
+        if endpoint is None:
+            endpoint = self._create(endpoint_id, user_id, owner_org, keep_alive, False, Origin.MQTT, now)
+        else:
+            self._check_owner(endpoint, user_id, owner_org)
+            # A REST-registered endpoint keeps its settings; one made by MQTT
+            # follows its client's current keep-alive.
+            if endpoint.origin is Origin.MQTT and endpoint.keep_alive_seconds != keep_alive:
+                endpoint.keep_alive_seconds = keep_alive
+                endpoint.version += 1
+            self._keepalive(endpoint, now)
+            self._arm(endpoint, now)
+        previous, endpoint.link = endpoint.link, link
+        session_present = persistent_session and endpoint.persistent_session and bool(endpoint.subscriptions)
+        if not session_present:
+            endpoint.subscriptions = []
+        endpoint.persistent_session = persistent_session
+        if endpoint.outbox is not None:
+            endpoint.outbox.link_lost()
+        if previous is not None and previous is not link:
+            previous.close("taken over by a new connection")
+        return endpoint, session_present
+
+    def disconnect(self, endpoint: UserEndpoint, link: EndpointLink, clean: bool) -> None:
+        """The connection `link` ended. A clean DISCONNECT unregisters an MQTT-made endpoint."""
+        if endpoint.link is not link:
+            return  # replaced by a newer connection, or already removed
+        endpoint.link = None
+        if not endpoint.persistent_session:
+            endpoint.subscriptions = []
+        if endpoint.outbox is not None:
+            endpoint.outbox.link_lost()
+        if clean and endpoint.origin is Origin.MQTT:
+            self.remove(endpoint, "disconnected")
+
+    def subscribe(self, endpoint: UserEndpoint, link: EndpointLink, topic_filter: str) -> bool:
+        """Allow a subscription only to the endpoint's own topics."""
+        if endpoint.link is not link or topic_filter not in endpoint.topics():
+            return False
+        if topic_filter not in endpoint.subscriptions:
+            endpoint.subscriptions.append(topic_filter)
+        return True
+
+    def unsubscribe(self, endpoint: UserEndpoint, link: EndpointLink, topic_filter: str) -> None:
+        if endpoint.link is link and topic_filter in endpoint.subscriptions:
+            endpoint.subscriptions.remove(topic_filter)
+
+    def flush(self, endpoint: UserEndpoint, link: EndpointLink) -> None:
+        """Send queued events once the link can take them (after SUBACK, or CONNACK with a session)."""
+        if endpoint.link is link:
+            self._flush(endpoint, self._clock())
+
+    def acknowledge(self, endpoint: UserEndpoint, link: EndpointLink, packet_id: int) -> None:
+        if endpoint.link is link and endpoint.outbox is not None:
+            endpoint.outbox.acknowledge(packet_id)
+
+    # -------------------------------------------------------------- delivery
+
+    def deliver(self, targets: Iterable[UserEndpoint], payload: bytes, qos: int) -> DeliveryReport:
+        """Send one event to each target. QoS 1 goes through the endpoint's bounded outbox."""
+        report = DeliveryReport()
+        now = self._clock()
+        for endpoint in targets:
+            if endpoint.removed:
+                continue
+            if qos == 1:
+                if endpoint.outbox is None:
+                    endpoint.outbox = Outbox(self.policy.queue_max_events, self.policy.queue_max_bytes)
+                if endpoint.outbox.offer(payload) is None:
+                    report.full.append(endpoint.id)
+                    continue
+                report.delivered += 1
+                self._flush(endpoint, now)
+            elif self._publish_once(endpoint, payload):
+                report.delivered += 1
+        return report
+
+    def _publish_once(self, endpoint: UserEndpoint, payload: bytes) -> bool:
+        link = endpoint.link
+        if link is None or not endpoint.subscriptions:
+            return False
+        written = False
+        for topic in endpoint.subscriptions:
+            written = link.publish(topic, payload, 0, None, False) or written
+        return written
+
+    def _flush(self, endpoint: UserEndpoint, now: float) -> None:
+        link, outbox = endpoint.link, endpoint.outbox
+        if link is None or outbox is None or not endpoint.subscriptions:
+            return
+        sent_any = False
+        for event in outbox.unsent():
+            if not self._send(endpoint, link, outbox, event, endpoint.subscriptions, now):
+                break
+            sent_any = True
+        if sent_any:
+            self._arm_at(endpoint, now + self.policy.ack_timeout_seconds)
+
+    @staticmethod
+    def _send(
+        endpoint: UserEndpoint,
+        link: EndpointLink,
+        outbox: Outbox,
+        event: PendingEvent,
+        topics: Iterable[str],
+        now: float,
+    ) -> bool:
+        dup = event.sends > 0
+        for topic in list(topics):
+            packet_id = outbox.allocate_packet_id()
+            if not link.publish(topic, event.payload, 1, packet_id, dup):
+                return False
+            outbox.record_send(event, packet_id, topic)
+        event.sends += 1
+        event.sent_at = now
+        return True
+
+    def _redeliver(self, endpoint: UserEndpoint, now: float) -> None:
+        link, outbox = endpoint.link, endpoint.outbox
+        if link is None or outbox is None:
+            return
+        for event in outbox.overdue(now, self.policy.ack_timeout_seconds):
+            # Same packet ids, DUP set: the client may have missed them or their PUBACKs.
+            topics = dict(event.unacked)
+            event.unacked.clear()
+            for packet_id, topic in topics.items():
+                if not link.publish(topic, event.payload, 1, packet_id, True):
+                    return
+                event.unacked[packet_id] = topic
+            event.sends += 1
+            event.sent_at = now
+
+    # ---------------------------------------------------------------- expiry
+
+    def advance(self, now: float | None = None) -> None:
+        """Run every timer that is due: reminders, SICK, expiry and QoS 1 redelivery."""
+        now = self._clock() if now is None else now
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            _, token, endpoint = heapq.heappop(heap)
+            if token != endpoint.timer_token:
+                continue  # superseded by a later arm, or the endpoint is gone
+            endpoint.timer_token = 0
+            endpoint.timer_at = math.inf
+            try:
+                self._on_timer(endpoint, now)
+            except Exception:
+                # A failing link must not stop expiry for everyone else, nor leave
+                # this endpoint without a timer.
+                log.exception("timer of endpoint %s failed; retrying in a second", endpoint.id)
+                self._arm_at(endpoint, now + 1.0)
+
+    def next_deadline(self) -> float | None:
+        heap = self._heap
+        while heap and heap[0][1] != heap[0][2].timer_token:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    def deadline_of(self, endpoint: UserEndpoint) -> float:
+        """When the endpoint turns SICK without a keepalive (table clock)."""
+        return endpoint.last_keepalive + endpoint.keep_alive_seconds
+
+    def _grace(self, endpoint: UserEndpoint) -> float:
+        p = self.policy
+        return max(p.min_expiry_grace_seconds, endpoint.keep_alive_seconds * p.expiry_grace_ratio)
+
+    def _reminder_at(self, endpoint: UserEndpoint) -> float:
+        return endpoint.last_keepalive + endpoint.keep_alive_seconds * self.policy.reminder_ratio
+
+    def _on_timer(self, endpoint: UserEndpoint, now: float) -> None:
+        deadline = self.deadline_of(endpoint)
+        if now >= deadline + self._grace(endpoint):
+            self.remove(endpoint, "expired")
+            return
+        if now >= deadline:
+            if endpoint.state is not EndpointState.SICK:
+                endpoint.state = EndpointState.SICK
+                endpoint.version += 1
+                log.info("endpoint %s is SICK: no keepalive for %ss", endpoint.id, endpoint.keep_alive_seconds)
+        elif (
+            endpoint.server_keep_alive_reminder_on
+            and not endpoint.reminder_sent
+            and now >= self._reminder_at(endpoint)
+        ):
+            endpoint.reminder_sent = True
+            self._send_reminder(endpoint, deadline)
+        if endpoint.outbox is not None:
+            self._redeliver(endpoint, now)
+        self._arm(endpoint, now)
+
+    def _send_reminder(self, endpoint: UserEndpoint, deadline: float) -> None:
+        if endpoint.link is None or not endpoint.subscriptions:
+            return
+        payload = keepalive_reminder(endpoint.id, endpoint.user_id, wall_time_of(deadline, self._clock))
+        self._publish_once(endpoint, payload)
+
+    def _next_event_at(self, endpoint: UserEndpoint, now: float) -> float:
+        deadline = self.deadline_of(endpoint)
+        when = deadline + self._grace(endpoint) if now >= deadline else deadline
+        if endpoint.server_keep_alive_reminder_on and not endpoint.reminder_sent:
+            reminder = self._reminder_at(endpoint)
+            if reminder > now:
+                when = min(when, reminder)
+        if endpoint.outbox is not None:
+            retry = endpoint.outbox.next_retry_at(self.policy.ack_timeout_seconds)
+            if retry is not None:
+                when = min(when, max(retry, now))
+        return when
+
+    def _arm(self, endpoint: UserEndpoint, now: float) -> None:
+        """Make sure a timer fires no later than the endpoint's next event."""
+        self._arm_at(endpoint, self._next_event_at(endpoint, now))
+
+    def _arm_at(self, endpoint: UserEndpoint, when: float) -> None:
+        if endpoint.removed:
+            return
+        if endpoint.timer_token and endpoint.timer_at <= when:
+            return  # the live entry fires earlier and will re-arm
+        token = next(self._tokens)
+        endpoint.timer_token = token
+        endpoint.timer_at = when
+        heapq.heappush(self._heap, (when, token, endpoint))
+        if self._heap[0][1] == token and self.on_earlier_deadline is not None:
+            self.on_earlier_deadline(when)
+
+    # --------------------------------------------------------------- helpers
+
+    def _create(
+        self,
+        endpoint_id: str,
+        user_id: str,
+        organization_id: str,
+        keep_alive_seconds: int,
+        reminder_on: bool,
+        origin: Origin,
+        now: float,
+    ) -> UserEndpoint:
+        endpoint = UserEndpoint(endpoint_id, user_id, organization_id, keep_alive_seconds, reminder_on,
+                                origin, now)
+        self._by_id[endpoint_id] = endpoint
+        self._by_owner.setdefault((organization_id, user_id), {})[endpoint_id] = endpoint
+        self._arm(endpoint, now)
+        return endpoint
+
+    def _keepalive(self, endpoint: UserEndpoint, now: float) -> None:
+        endpoint.last_keepalive = now
+        endpoint.reminder_sent = False
+        if endpoint.state is not EndpointState.HEALTHY:
+            endpoint.state = EndpointState.HEALTHY
+            endpoint.version += 1
+
+    def _check_keep_alive(self, keep_alive_seconds: int) -> None:
+        maximum = self.policy.max_keep_alive_seconds
+        if not 1 <= keep_alive_seconds <= maximum:
+            raise InvalidInput(f"keepAliveSeconds must be an integer from 1 to {maximum}", "keepAliveSeconds")
+
+    @staticmethod
+    def _require_organization(organization_id: str | None) -> str:
+        if organization_id is None:
+            raise Forbidden("an endpoint belongs to an organisation; the token names none", "organization_id")
+        return organization_id
+
+    @staticmethod
+    def _check_owner(endpoint: UserEndpoint, user_id: str, organization_id: str) -> None:
+        if endpoint.user_id != user_id or endpoint.organization_id != organization_id:
+            raise Conflict(f"endpoint id {endpoint.id!r} is registered to another user", "userEndpointId")

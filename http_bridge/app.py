@@ -1,0 +1,66 @@
+"""The Starlette app: REST routes, /healthz, MQTT over WebSocket, and the lifespan that runs the broker."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+
+from endpoint_core.errors import DomainError
+from endpoint_core.expiry import ExpiryDriver
+from endpoint_core.service import EndpointService
+from http_bridge.problems import domain_error, http_error, unexpected_error
+from http_bridge.routes import routes
+
+
+class MqttHost(Protocol):
+    """The broker as the bridge sees it (broker_plugin.runtime.MqttRuntime)."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def serve_websocket(self, channel: Any) -> None: ...
+
+
+def create_app(
+    service: EndpointService,
+    mqtt: MqttHost,
+    *,
+    max_body_bytes: int = 64 * 1024,
+    on_started: Callable[[], None] | None = None,
+) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # The broker lives inside the lifespan so that uvicorn's SIGTERM/SIGINT
+        # handling shuts it down cleanly with the bridge.
+        await mqtt.start()
+        expiry = ExpiryDriver(service.table)
+        expiry.start()
+        if on_started is not None:
+            on_started()
+        try:
+            yield
+        finally:
+            expiry.stop()
+            await mqtt.stop()
+
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={
+            DomainError: domain_error,
+            HTTPException: http_error,
+            Exception: unexpected_error,
+        },
+    )
+    app.state.service = service
+    app.state.mqtt = mqtt
+    app.state.max_body_bytes = max_body_bytes
+    return app

@@ -1,0 +1,188 @@
+#!/usr/bin/env python3
+"""endpoint-broker: the MQTT broker and the HTTP bridge in one process, on one event loop.
+
+    python run_broker.py [--host H] [--mqtt-port P] [--http-port P] [--config FILE] [--log-level L]
+    python run_broker.py token --user U --org O [--role SERVICE] [--ttl SECONDS]
+
+Every setting also has an environment variable (ENDPOINT_BROKER_<NAME>); see config/settings.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import secrets
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import uvicorn
+from starlette.applications import Starlette
+
+from broker_plugin.runtime import MqttRuntime, MqttSettings
+from config import ConfigError, Settings, load_settings
+from endpoint_core.principals import ClaimNames, JwtVerifier, mint_token
+from endpoint_core.service import EndpointService
+from endpoint_core.table import EndpointTable, TablePolicy
+from http_bridge.app import create_app
+
+log = logging.getLogger("endpoint_broker")
+
+DEV_USER, DEV_ORG, DEV_TOKEN_TTL = "dev-user", "dev-org", 24 * 3600
+
+
+def claim_names(settings: Settings) -> ClaimNames:
+    return ClaimNames(
+        user=settings.jwt_user_claim,
+        user_fallback=settings.jwt_user_fallback_claim,
+        organization=settings.jwt_organization_claim,
+        roles=settings.jwt_roles_claim,
+        service_roles=frozenset(settings.jwt_service_roles),
+    )
+
+
+def build_verifier(settings: Settings, dev_secret: str | None) -> JwtVerifier:
+    public_key = Path(settings.jwt_public_key_file).read_bytes() if settings.jwt_public_key_file else None
+    try:
+        return JwtVerifier(
+            secret=settings.jwt_secret or dev_secret,
+            public_key_pem=public_key,
+            algorithms=settings.jwt_algorithms,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+            leeway_seconds=settings.jwt_leeway_seconds,
+            claims=claim_names(settings),
+        )
+    except ValueError as exc:
+        raise ConfigError(f"JWT settings: {exc}") from None
+
+
+def build_app(settings: Settings) -> Starlette:
+    """Wire the domain core, the broker and the bridge together."""
+    dev_secret = secrets.token_urlsafe(32) if settings.dev_mode else None
+    verifier = build_verifier(settings, dev_secret)
+    table = EndpointTable(TablePolicy(
+        max_keep_alive_seconds=settings.max_keep_alive_seconds,
+        default_mqtt_keep_alive_seconds=settings.default_mqtt_keep_alive_seconds,
+        expiry_grace_ratio=settings.expiry_grace_ratio,
+        min_expiry_grace_seconds=settings.min_expiry_grace_seconds,
+        reminder_ratio=settings.reminder_ratio,
+        queue_max_events=settings.queue_max_events,
+        queue_max_bytes=settings.queue_max_bytes,
+        ack_timeout_seconds=settings.ack_timeout_seconds,
+    ))
+    service = EndpointService(table, verifier)
+    mqtt = MqttRuntime(service, MqttSettings(
+        host=settings.host,
+        port=settings.mqtt_port,
+        websocket_bind=f"{settings.host}:{settings.http_port}",
+        connect_timeout_seconds=settings.connect_timeout_seconds,
+        max_packet_bytes=settings.mqtt_max_packet_bytes,
+        max_buffered_bytes=settings.mqtt_max_buffered_bytes,
+        client_publish_allow=tuple(settings.client_publish_allow),
+    ))
+
+    def on_started() -> None:
+        log.info("HTTP bridge on http://%s:%d, MQTT over WebSocket at ws://%s:%d/ws",
+                 settings.host, settings.http_port, settings.host, settings.http_port)
+        if dev_secret is not None:
+            print_dev_banner(settings, dev_secret)
+
+    return create_app(service, mqtt, max_body_bytes=settings.max_body_bytes, on_started=on_started)
+
+
+def print_dev_banner(settings: Settings, dev_secret: str) -> None:
+    token = mint_token(dev_secret, user_id=DEV_USER, organization_id=DEV_ORG, ttl_seconds=DEV_TOKEN_TTL,
+                       claims=claim_names(settings), issuer=settings.jwt_issuer, audience=settings.jwt_audience)
+    base = f"http://{settings.host}:{settings.http_port}"
+    body = '{"keepAliveSeconds": 60}'
+    log.warning("DEV MODE: no ENDPOINT_BROKER_JWT_SECRET or ENDPOINT_BROKER_JWT_PUBLIC_KEY_FILE is set; "
+                "tokens are checked against a random secret that dies with this process")
+    print(
+        f"\nDev mode. A token for user {DEV_USER!r} in organisation {DEV_ORG!r}, valid 24 h:\n\n"
+        f"DEV_TOKEN={token}\n\n"
+        "Register an endpoint with:\n\n"
+        f"  curl -s -X POST {base}/rtc-api/users/endpoints -H 'Authorization: Bearer {token}' "
+        f"-H 'Content-Type: application/json' -d {shlex.quote(body)}\n",
+        flush=True,
+    )
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # amqtt logs every connection and transitions every state change at INFO.
+    for noisy in ("amqtt", "transitions"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def serve(settings: Settings) -> int:
+    app = build_app(settings)
+    server = uvicorn.Server(uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.http_port,
+        lifespan="on",
+        log_config=None,
+        access_log=settings.http_access_log,
+        timeout_graceful_shutdown=5,
+    ))
+    asyncio.run(server.serve())
+    return 0 if server.started else 1
+
+
+def mint(settings: Settings, args: argparse.Namespace) -> int:
+    if not settings.jwt_secret:
+        print("token: no HS256 secret is configured (ENDPOINT_BROKER_JWT_SECRET or jwt_secret in --config).\n"
+              "In dev mode the service makes a new secret at every start and prints a token itself.",
+              file=sys.stderr)
+        return 2
+    roles = args.role or ["ROLE_USER"]
+    print(mint_token(settings.jwt_secret, user_id=args.user, organization_id=args.org, roles=roles,
+                     ttl_seconds=args.ttl, claims=claim_names(settings), issuer=settings.jwt_issuer,
+                     audience=settings.jwt_audience))
+    return 0
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="run_broker.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", help="address to bind (ENDPOINT_BROKER_HOST, default 127.0.0.1)")
+    parser.add_argument("--mqtt-port", type=int, help="MQTT over TCP (ENDPOINT_BROKER_MQTT_PORT, default 1883)")
+    parser.add_argument("--http-port", type=int,
+                        help="HTTP bridge and MQTT over WebSocket at /ws (ENDPOINT_BROKER_HTTP_PORT, default 8080)")
+    parser.add_argument("--config", metavar="FILE", help="YAML settings (ENDPOINT_BROKER_CONFIG)")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING... (ENDPOINT_BROKER_LOG_LEVEL, default INFO)")
+    commands = parser.add_subparsers(dest="command")
+    token = commands.add_parser("token", help="mint a token with the configured HS256 secret")
+    token.add_argument("--user", required=True, help="the userId claim")
+    token.add_argument("--org", help="the organization_id claim")
+    token.add_argument("--role", action="append", help="a role in authorities, e.g. SERVICE (repeatable)")
+    token.add_argument("--ttl", type=float, default=3600.0, metavar="SECONDS", help="lifetime (default 3600)")
+    token.add_argument("--config", dest="token_config", metavar="FILE", help="YAML settings")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides = {"host": args.host, "mqtt_port": args.mqtt_port, "http_port": args.http_port,
+                 "log_level": args.log_level}
+    try:
+        settings = load_settings(os.environ, getattr(args, "token_config", None) or args.config, overrides)
+        if args.command == "token":
+            return mint(settings, args)
+        configure_logging(settings.log_level)
+        return serve(settings)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
