@@ -18,6 +18,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
 from starlette.applications import Starlette
@@ -122,9 +123,23 @@ def configure_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
+class Server(uvicorn.Server):
+    """uvicorn's server, except that a SIGTERM/SIGINT it handled ends the process with status 0.
+
+    uvicorn re-raises the signal after shutting down, which makes a clean stop
+    look like a crash (status -15, or a KeyboardInterrupt traceback).
+    """
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        captured = getattr(self, "_captured_signals", None)
+        if isinstance(captured, list):
+            captured.clear()
+
+
 def serve(settings: Settings) -> int:
     app = build_app(settings)
-    server = uvicorn.Server(uvicorn.Config(
+    server = Server(uvicorn.Config(
         app,
         host=settings.host,
         port=settings.http_port,

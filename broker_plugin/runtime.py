@@ -73,6 +73,12 @@ class MqttRuntime:
         if self.broker is not None and self.broker.transitions.state == "started":
             await self.broker.shutdown()
 
+    def stats(self) -> dict[str, int]:
+        """Open connections (also those still before CONNECT) and broker session-table entries."""
+        if self.broker is None:
+            return {"connections": 0, "sessions": 0}
+        return {"connections": len(self.broker.connections), "sessions": len(self.broker.sessions)}
+
     async def serve_websocket(self, channel: MessageChannel) -> None:
         """Serve one MQTT-over-WebSocket connection until it ends."""
         if self.broker is None:

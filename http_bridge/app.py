@@ -28,6 +28,8 @@ class MqttHost(Protocol):
 
     async def serve_websocket(self, channel: Any) -> None: ...
 
+    def stats(self) -> dict[str, int]: ...
+
 
 def create_app(
     service: EndpointService,

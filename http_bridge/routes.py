@@ -61,8 +61,16 @@ async def get_endpoint(request: Request) -> Response:
 
 
 async def healthz(request: Request) -> Response:
-    if request.app.state.mqtt.ready:
-        return JSONResponse({"status": "ok", "mqtt": True, "http": True})
+    """200 once the broker and the bridge accept connections, with a few gauges for operators."""
+    mqtt = request.app.state.mqtt
+    if mqtt.ready:
+        return JSONResponse({
+            "status": "ok",
+            "mqtt": True,
+            "http": True,
+            "endpoints": len(service_of(request).table),
+            **mqtt.stats(),
+        })
     return problem(503, "Not ready", "the MQTT broker is not accepting connections")
 
 

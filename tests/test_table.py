@@ -1,0 +1,262 @@
+"""The endpoint table's invariants, on a controlled clock (unit tests of the core)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import pytest
+
+from endpoint_core.endpoint import EndpointState, Origin
+from endpoint_core.errors import Conflict, Forbidden, InvalidInput
+from endpoint_core.table import EndpointTable, TablePolicy
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass(eq=False)
+class FakeLink:
+    """Records what the table asks of a link (this stands in for a network connection, not for our code)."""
+
+    sent: list[tuple[str, bytes, int, int | None, bool]] = field(default_factory=list)
+    closed: list[str] = field(default_factory=list)
+    accepts: bool = True
+
+    def publish(self, topic: str, payload: bytes, qos: int, packet_id: int | None, dup: bool) -> bool:
+        if self.accepts:
+            self.sent.append((topic, payload, qos, packet_id, dup))
+        return self.accepts
+
+    def close(self, reason: str) -> None:
+        self.closed.append(reason)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def make_table(clock: Clock, **policy: object) -> EndpointTable:
+    return EndpointTable(TablePolicy(**policy), clock=clock)  # type: ignore[arg-type]
+
+
+def advance(table: EndpointTable, clock: Clock, seconds: float) -> None:
+    """Move time forward in small steps, running timers as a real loop would."""
+    end = clock.now + seconds
+    while clock.now < end:
+        clock.now = min(end, clock.now + 0.05)
+        table.advance()
+
+
+def test_healthy_then_sick_then_gone(clock: Clock) -> None:
+    table = make_table(clock)
+    endpoint, created = table.register("u", "o", "e1", 10, False)
+    assert created and endpoint.state is EndpointState.HEALTHY
+    advance(table, clock, 9.9)
+    assert endpoint.state is EndpointState.HEALTHY
+    advance(table, clock, 0.2)
+    assert endpoint.state is EndpointState.SICK and endpoint.version == 1
+    advance(table, clock, 4.8)
+    assert table.get("e1") is endpoint
+    advance(table, clock, 0.3)
+    assert table.get("e1") is None and endpoint.removed
+
+
+def test_grace_is_at_least_the_minimum(clock: Clock) -> None:
+    table = make_table(clock, min_expiry_grace_seconds=1.0)
+    table.register("u", "o", "e1", 1, False)
+    advance(table, clock, 1.9)
+    assert table.get("e1") is not None
+    advance(table, clock, 0.2)
+    assert table.get("e1") is None
+
+
+def test_a_keepalive_revives_a_sick_endpoint_and_moves_the_deadline(clock: Clock) -> None:
+    table = make_table(clock)
+    endpoint, _ = table.register("u", "o", "e1", 10, False)
+    advance(table, clock, 12)
+    assert endpoint.state is EndpointState.SICK
+    table.keepalive(endpoint)
+    assert endpoint.state is EndpointState.HEALTHY and endpoint.version == 2
+    advance(table, clock, 9.9)
+    assert endpoint.state is EndpointState.HEALTHY
+    advance(table, clock, 15.2)
+    assert endpoint.removed
+
+
+def test_keepalives_do_not_touch_the_timer_heap(clock: Clock) -> None:
+    table = make_table(clock)
+    endpoints = [table.register("u", "o", f"e{i}", 30, False)[0] for i in range(100)]
+    heap_size = len(table._heap)
+    for _ in range(50):
+        clock.now += 0.1
+        for endpoint in endpoints:
+            table.keepalive(endpoint)
+    assert len(table._heap) == heap_size
+    advance(table, clock, 60)
+    assert len(table) == 0 and table.next_deadline() is None
+
+
+def test_reregistering_with_a_shorter_keepalive_expires_sooner(clock: Clock) -> None:
+    table = make_table(clock)
+    endpoint, _ = table.register("u", "o", "e1", 3600, False)
+    _, created = table.register("u", "o", "e1", 2, True)
+    assert not created and endpoint.version == 1 and endpoint.keep_alive_seconds == 2
+    advance(table, clock, 3.1)
+    assert endpoint.removed
+
+
+def test_ownership(clock: Clock) -> None:
+    table = make_table(clock)
+    table.register("u", "o", "e1", 30, False)
+    with pytest.raises(Conflict):
+        table.register("v", "o", "e1", 30, False)
+    with pytest.raises(Conflict):
+        table.register("u", "other", "e1", 30, False)
+    with pytest.raises(Conflict):
+        table.connect("v", "o", "e1", 30, FakeLink(), False)
+    with pytest.raises(Forbidden):
+        table.register("u", None, "e2", 30, False)
+    with pytest.raises(InvalidInput):
+        table.register("u", "o", "e3", 0, False)
+
+
+def test_connect_registers_with_the_mqtt_keep_alive_or_the_default(clock: Clock) -> None:
+    table = make_table(clock, default_mqtt_keep_alive_seconds=45, max_keep_alive_seconds=100)
+    assert table.connect("u", "o", "a", 20, FakeLink(), False)[0].keep_alive_seconds == 20
+    assert table.connect("u", "o", "b", 0, FakeLink(), False)[0].keep_alive_seconds == 45
+    assert table.connect("u", "o", "c", 500, FakeLink(), False)[0].keep_alive_seconds == 100
+    assert table.get("a").origin is Origin.MQTT  # type: ignore[union-attr]
+
+
+def test_attaching_keeps_rest_settings(clock: Clock) -> None:
+    table = make_table(clock)
+    table.register("u", "o", "e1", 300, True)
+    endpoint, _ = table.connect("u", "o", "e1", 20, FakeLink(), False)
+    assert (endpoint.keep_alive_seconds, endpoint.server_keep_alive_reminder_on, endpoint.origin) == (
+        300, True, Origin.REST)
+
+
+def test_take_over_closes_the_old_link_and_the_old_link_cannot_detach_the_new(clock: Clock) -> None:
+    table = make_table(clock)
+    old, new = FakeLink(), FakeLink()
+    endpoint, _ = table.connect("u", "o", "e1", 30, old, False)
+    table.connect("u", "o", "e1", 30, new, False)
+    assert old.closed and not new.closed and endpoint.link is new
+    table.disconnect(endpoint, old, clean=True)  # the old socket's late disconnect
+    assert endpoint.link is new and not endpoint.removed
+    assert not table.subscribe(endpoint, old, "users/endpoints/e1")
+    assert table.subscribe(endpoint, new, "users/endpoints/e1")
+
+
+def test_disconnect_rules(clock: Clock) -> None:
+    table = make_table(clock)
+    mqtt_made, _ = table.connect("u", "o", "m", 30, link := FakeLink(), False)
+    table.disconnect(mqtt_made, link, clean=True)
+    assert mqtt_made.removed
+    dropped, _ = table.connect("u", "o", "d", 30, link := FakeLink(), False)
+    table.disconnect(dropped, link, clean=False)
+    assert not dropped.removed and dropped.link is None
+    rest_made, _ = table.register("u", "o", "r", 30, False)
+    table.connect("u", "o", "r", 30, link := FakeLink(), False)
+    table.disconnect(rest_made, link, clean=True)
+    assert not rest_made.removed
+
+
+def test_subscriptions_only_to_own_topics(clock: Clock) -> None:
+    table = make_table(clock)
+    endpoint, _ = table.connect("u", "o", "e1", 30, link := FakeLink(), False)
+    assert table.subscribe(endpoint, link, "users/endpoints/e1")
+    assert table.subscribe(endpoint, link, "user/u/e1")
+    for refused in ("users/endpoints/e2", "users/endpoints/+", "#", "user/v/e1", "$SYS/#", "users/endpoints/e1/#"):
+        assert not table.subscribe(endpoint, link, refused)
+
+
+def test_qos1_outbox_is_bounded_ordered_and_acknowledged(clock: Clock) -> None:
+    table = make_table(clock, queue_max_events=2, queue_max_bytes=1000)
+    endpoint, _ = table.register("u", "o", "e1", 300, False)
+    report = table.deliver([endpoint], b"1", 1)
+    assert report.delivered == 1
+    table.deliver([endpoint], b"2", 1)
+    full = table.deliver([endpoint], b"3", 1)
+    assert full.delivered == 0 and full.full == ["e1"]
+    table.connect("u", "o", "e1", 30, link := FakeLink(), False)
+    assert link.sent == []  # nothing until it subscribes
+    table.subscribe(endpoint, link, "users/endpoints/e1")
+    table.flush(endpoint, link)
+    assert [(payload, qos, dup) for _, payload, qos, _, dup in link.sent] == [(b"1", 1, False), (b"2", 1, False)]
+    table.acknowledge(endpoint, link, link.sent[0][3])  # type: ignore[arg-type]
+    assert endpoint.outbox is not None and len(endpoint.outbox) == 1
+    assert table.deliver([endpoint], b"3", 1).delivered == 1
+
+
+def test_queue_byte_bound(clock: Clock) -> None:
+    table = make_table(clock, queue_max_bytes=10)
+    endpoint, _ = table.register("u", "o", "e1", 300, False)
+    assert table.deliver([endpoint], b"x" * 8, 1).delivered == 1
+    assert table.deliver([endpoint], b"x" * 3, 1).full == ["e1"]
+
+
+def test_unacknowledged_events_are_resent_with_dup_after_the_timeout_and_on_reconnect(clock: Clock) -> None:
+    table = make_table(clock, ack_timeout_seconds=5)
+    endpoint, _ = table.connect("u", "o", "e1", 300, link := FakeLink(), False)
+    table.subscribe(endpoint, link, "users/endpoints/e1")
+    table.deliver([endpoint], b"event", 1)
+    first_id = link.sent[0][3]
+    advance(table, clock, 5.2)
+    assert [(p, dup, pid) for _, p, _, pid, dup in link.sent] == [(b"event", False, first_id), (b"event", True, first_id)]
+    table.disconnect(endpoint, link, clean=False)
+    table.connect("u", "o", "e1", 300, again := FakeLink(), False)
+    table.subscribe(endpoint, again, "users/endpoints/e1")
+    table.flush(endpoint, again)
+    assert [(p, dup) for _, p, _, _, dup in again.sent] == [(b"event", True)]
+    table.acknowledge(endpoint, again, again.sent[0][3])  # type: ignore[arg-type]
+    advance(table, clock, 10)
+    assert len(again.sent) == 1
+
+
+def test_qos0_counts_only_live_subscriptions(clock: Clock) -> None:
+    table = make_table(clock)
+    offline, _ = table.register("u", "o", "off", 300, False)
+    unsubscribed, _ = table.connect("u", "o", "unsub", 300, FakeLink(), False)
+    live, _ = table.connect("u", "o", "live", 300, link := FakeLink(), False)
+    table.subscribe(live, link, "user/u/live")
+    report = table.deliver([offline, unsubscribed, live], b"e", 0)
+    assert report.delivered == 1 and link.sent == [("user/u/live", b"e", 0, None, False)]
+
+
+def test_reminder_once_per_period_at_two_thirds(clock: Clock) -> None:
+    table = make_table(clock)
+    endpoint, _ = table.register("u", "o", "e1", 30, True)
+    table.connect("u", "o", "e1", 30, link := FakeLink(), False)
+    table.subscribe(endpoint, link, "users/endpoints/e1")
+    advance(table, clock, 19.9)
+    assert link.sent == []
+    advance(table, clock, 0.2)
+    assert len(link.sent) == 1
+    topic, payload, qos, _, _ = link.sent[0]
+    reminder = json.loads(payload)
+    assert (topic, qos, reminder["type"], reminder["userEndpointId"], reminder["userId"]) == (
+        "users/endpoints/e1", 0, "UserEndpointKeepAliveRequestedEvent", "e1", "u")
+    assert reminder["timestamp"].endswith("Z") and reminder["expiresAt"].endswith("Z") and reminder["id"]
+    advance(table, clock, 9)
+    assert len(link.sent) == 1
+    table.keepalive(endpoint)
+    advance(table, clock, 20.1)
+    assert len(link.sent) == 2
+
+
+def test_removal_closes_the_link_and_drops_the_queue(clock: Clock) -> None:
+    table = make_table(clock)
+    endpoint, _ = table.connect("u", "o", "e1", 30, link := FakeLink(), False)
+    table.deliver([endpoint], b"pending", 1)
+    table.remove(endpoint, "unregistered")
+    assert link.closed == ["unregistered"] and endpoint.outbox is None and table.get("e1") is None
+    assert table.endpoints_of("o", "u") == []
+    assert table.deliver([endpoint], b"late", 1).delivered == 0

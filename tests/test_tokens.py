@@ -1,0 +1,193 @@
+"""The JWT verifier: one test for each way a token can be accepted or fail (unit tests of the core)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from endpoint_core.errors import NotAuthenticated
+from endpoint_core.principals import ClaimNames, JwtVerifier, mint_token
+
+SECRET = "unit-secret-0123456789-0123456789-0123456789"
+
+
+def claims(**overrides: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"userId": "alice", "organization_id": "acme", "authorities": ["ROLE_USER"],
+                            "exp": int(time.time()) + 600}
+    base.update(overrides)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def hs256(**overrides: Any) -> str:
+    return jwt.encode(claims(**overrides), SECRET, algorithm="HS256")
+
+
+@pytest.fixture
+def verifier() -> JwtVerifier:
+    return JwtVerifier(secret=SECRET, leeway_seconds=5)
+
+
+def refused(verifier: JwtVerifier, token: str) -> str:
+    with pytest.raises(NotAuthenticated) as caught:
+        verifier.verify(token)
+    assert caught.value.field == "Authorization"
+    return caught.value.detail
+
+
+def test_a_valid_user_token(verifier: JwtVerifier) -> None:
+    principal = verifier.verify(hs256())
+    assert (principal.user_id, principal.organization_id, principal.is_service) == ("alice", "acme", False)
+
+
+def test_the_platforms_published_sample_shape_is_understood() -> None:
+    # The sample payload has userId and sub; userId wins.
+    verifier = JwtVerifier(secret=SECRET)
+    principal = verifier.verify(hs256(sub="service", client_id="client", jti="x"))
+    assert principal.user_id == "alice"
+
+
+def test_sub_is_the_user_when_user_id_is_absent(verifier: JwtVerifier) -> None:
+    assert verifier.verify(hs256(userId=None, sub="bob")).user_id == "bob"
+
+
+def test_without_any_user_claim(verifier: JwtVerifier) -> None:
+    assert "userId" in refused(verifier, hs256(userId=None))
+
+
+@pytest.mark.parametrize("roles", [["SERVICE"], ["ROLE_SERVICE"], "ROLE_USER ROLE_SERVICE",
+                                   [{"authority": "ROLE_SERVICE"}]])
+def test_service_roles(verifier: JwtVerifier, roles: object) -> None:
+    assert verifier.verify(hs256(authorities=roles)).is_service
+
+
+def test_a_service_needs_no_organisation(verifier: JwtVerifier) -> None:
+    principal = verifier.verify(hs256(authorities=["SERVICE"], organization_id=None))
+    assert principal.is_service and principal.organization_id is None
+
+
+def test_a_user_without_organisation_is_refused(verifier: JwtVerifier) -> None:
+    assert "organization_id" in refused(verifier, hs256(organization_id=None))
+
+
+def test_numeric_organisation_ids_become_strings(verifier: JwtVerifier) -> None:
+    assert verifier.verify(hs256(organization_id=42)).organization_id == "42"
+
+
+def test_expired(verifier: JwtVerifier) -> None:
+    assert "expired" in refused(verifier, hs256(exp=int(time.time()) - 60))
+
+
+def test_expiry_within_leeway_is_accepted(verifier: JwtVerifier) -> None:
+    verifier.verify(hs256(exp=int(time.time()) - 2))
+
+
+def test_not_yet_valid(verifier: JwtVerifier) -> None:
+    assert "nbf" in refused(verifier, hs256(nbf=int(time.time()) + 60))
+
+
+def test_exp_is_required(verifier: JwtVerifier) -> None:
+    assert "exp" in refused(verifier, hs256(exp=None))
+
+
+def test_bad_signature(verifier: JwtVerifier) -> None:
+    forged = jwt.encode(claims(), "another-secret-0123456789-0123456789-0123", algorithm="HS256")
+    assert "signature" in refused(verifier, forged)
+
+
+def test_tampered_payload(verifier: JwtVerifier) -> None:
+    header, _, signature = hs256().split(".")
+    other_payload = hs256(userId="root").split(".")[1]
+    refused(verifier, f"{header}.{other_payload}.{signature}")
+
+
+@pytest.mark.parametrize("garbage", ["", "abc", "a.b.c", "Bearer x.y.z", "e30.e30"])
+def test_malformed(verifier: JwtVerifier, garbage: str) -> None:
+    refused(verifier, garbage)
+
+
+def test_alg_none_is_never_accepted(verifier: JwtVerifier) -> None:
+    unsigned = jwt.encode(claims(), None, algorithm="none")
+    assert "'none'" in refused(verifier, unsigned)
+
+
+def test_none_cannot_be_configured() -> None:
+    with pytest.raises(ValueError, match="none"):
+        JwtVerifier(secret=SECRET, algorithms=["none"])
+
+
+def test_algorithm_outside_the_list(verifier: JwtVerifier) -> None:
+    other = jwt.encode(claims(), SECRET + SECRET, algorithm="HS512")
+    assert "HS512" in refused(verifier, other)
+
+
+def test_issuer_and_audience_when_configured() -> None:
+    verifier = JwtVerifier(secret=SECRET, issuer="https://id.example", audience="endpoint-broker")
+    verifier.verify(hs256(iss="https://id.example", aud="endpoint-broker"))
+    assert "issuer" in refused(verifier, hs256(iss="https://evil.example", aud="endpoint-broker"))
+    assert "audience" in refused(verifier, hs256(iss="https://id.example", aud="someone-else"))
+    assert "iss" in refused(verifier, hs256(aud="endpoint-broker"))
+
+
+def test_audience_is_ignored_when_not_configured(verifier: JwtVerifier) -> None:
+    verifier.verify(hs256(aud="anything"))
+
+
+def test_custom_claim_names() -> None:
+    names = ClaimNames(user="uid", organization="tenant", roles="roles", service_roles=frozenset({"backend"}))
+    verifier = JwtVerifier(secret=SECRET, claims=names)
+    token = jwt.encode({"uid": "carol", "tenant": "t1", "roles": ["backend"], "exp": int(time.time()) + 60},
+                       SECRET, algorithm="HS256")
+    principal = verifier.verify(token)
+    assert (principal.user_id, principal.organization_id, principal.is_service) == ("carol", "t1", True)
+
+
+def _key_pair(make: Callable[[], Any]) -> tuple[Any, bytes]:
+    private = make()
+    public = private.public_key().public_bytes(serialization.Encoding.PEM,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo)
+    return private, public
+
+
+@pytest.mark.parametrize(("algorithm", "make"), [
+    ("RS256", lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048)),
+    ("ES256", lambda: ec.generate_private_key(ec.SECP256R1())),
+])
+def test_public_key_algorithms(algorithm: str, make: Callable[[], Any]) -> None:
+    private, public_pem = _key_pair(make)
+    verifier = JwtVerifier(public_key_pem=public_pem)
+    assert verifier.algorithms == (algorithm,)
+    assert verifier.verify(jwt.encode(claims(), private, algorithm=algorithm)).user_id == "alice"
+    # The classic confusion attack: an HS256 token "signed" with the public key text.
+    confused = jwt.api_jws.PyJWS()
+    confused._algorithms["HS256"].prepare_key = lambda key: key  # skip PyJWT's own guard
+    forged = confused.encode(jwt.utils.force_bytes('{"userId":"x"}'), public_pem, algorithm="HS256")
+    refused(verifier, forged)
+    other_private, _ = _key_pair(make)
+    assert "signature" in refused(verifier, jwt.encode(claims(), other_private, algorithm=algorithm))
+
+
+def test_a_configured_algorithm_needs_a_key() -> None:
+    with pytest.raises(ValueError, match="RS256"):
+        JwtVerifier(secret=SECRET, algorithms=["RS256"])
+    with pytest.raises(ValueError, match="secret or a public key"):
+        JwtVerifier()
+
+
+def test_verified_tokens_are_cached_but_never_past_exp() -> None:
+    verifier = JwtVerifier(secret=SECRET, leeway_seconds=0)
+    token = hs256(exp=int(time.time()) + 2)
+    assert verifier.verify(token) is verifier.verify(token)
+    time.sleep(2.2)
+    refused(verifier, token)
+
+
+def test_minted_tokens_verify() -> None:
+    token = mint_token(SECRET, user_id="dave", organization_id="o", roles=["SERVICE"], ttl_seconds=60)
+    principal = JwtVerifier(secret=SECRET).verify(token)
+    assert (principal.user_id, principal.organization_id, principal.is_service) == ("dave", "o", True)
