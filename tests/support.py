@@ -94,7 +94,7 @@ class ServiceProcess:
         env.update(self.env)
         command = [sys.executable, str(ROOT / "run_broker.py"), "--host", "127.0.0.1",
                    "--mqtt-port", str(self.mqtt_port), "--http-port", str(self.http_port), *self.args]
-        self.process = subprocess.Popen(  # noqa: S603 - our own entry point
+        self.process = subprocess.Popen(
             command, cwd=ROOT, env=env,
             stdout=self.stdout_path.open("wb"), stderr=self.stderr_path.open("wb"),
         )

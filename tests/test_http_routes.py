@@ -38,7 +38,8 @@ def test_register_answers_the_id_as_a_json_string_and_makes_a_uuid(service: Serv
 def test_register_keeps_a_caller_supplied_id(service: ServiceProcess, unique: str) -> None:
     bearer = token(f"u-{unique}", f"org-{unique}")
     with service.http(bearer) as http:
-        assert http.post(BASE, json={"keepAliveSeconds": 30, "userEndpointId": f"tab-{unique}"}).json() == f"tab-{unique}"
+        registered = http.post(BASE, json={"keepAliveSeconds": 30, "userEndpointId": f"tab-{unique}"})
+        assert registered.json() == f"tab-{unique}"
         view = http.get(f"{BASE}/tab-{unique}").json()
     assert view["id"] == f"tab-{unique}"
     assert view["userId"] == f"u-{unique}"

@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.support import ROOT, SECRET, RawMqtt, ServiceProcess, free_port, token, wait_until
@@ -80,7 +79,7 @@ def test_dev_mode_prints_a_working_token_and_curl_line(make_service: Callable[..
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("ENDPOINT_BROKER_")}
-    return subprocess.run([sys.executable, str(ROOT / "run_broker.py"), *args], cwd=ROOT,  # noqa: S603
+    return subprocess.run([sys.executable, str(ROOT / "run_broker.py"), *args], cwd=ROOT,
                           env={**clean, **(env or {})}, capture_output=True, text=True, timeout=30, check=False)
 
 

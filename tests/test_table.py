@@ -210,7 +210,8 @@ def test_unacknowledged_events_are_resent_with_dup_after_the_timeout_and_on_reco
     table.deliver([endpoint], b"event", 1)
     first_id = link.sent[0][3]
     advance(table, clock, 5.2)
-    assert [(p, dup, pid) for _, p, _, pid, dup in link.sent] == [(b"event", False, first_id), (b"event", True, first_id)]
+    sent = [(p, dup, pid) for _, p, _, pid, dup in link.sent]
+    assert sent == [(b"event", False, first_id), (b"event", True, first_id)]
     table.disconnect(endpoint, link, clean=False)
     table.connect("u", "o", "e1", 300, again := FakeLink(), False)
     table.subscribe(endpoint, again, "users/endpoints/e1")
