@@ -104,6 +104,11 @@ class MqttConnection:
             return
         buffer = self._buffer
         buffer += data
+        if self.phase is Phase.AWAITING_CONNECT and buffer and buffer[0] != codec.CONNECT << 4:
+            # Fail fast on whatever is not MQTT (an HTTP request, a port scan).
+            log.info("closing %s: not an MQTT CONNECT", self.peer)
+            self.close("not MQTT")
+            return
         position = 0
         end_of_data = len(buffer)
         try:
