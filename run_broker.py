@@ -92,7 +92,8 @@ def build_app(settings: Settings) -> Starlette:
         if dev_secret is not None:
             print_dev_banner(settings, dev_secret)
 
-    return create_app(service, mqtt, max_body_bytes=settings.max_body_bytes, on_started=on_started)
+    return create_app(service, mqtt, max_body_bytes=settings.max_body_bytes,
+                      cors_allow_origins=settings.cors_allow_origins, on_started=on_started)
 
 
 def print_dev_banner(settings: Settings, dev_secret: str) -> None:

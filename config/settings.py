@@ -63,6 +63,8 @@ class Settings:
     max_body_bytes: int = 64 * 1024
     # One log line per request; off by default because it costs more than the request.
     http_access_log: bool = False
+    # Browser origins allowed to call the REST API cross-origin ("*" for any). Empty: no CORS.
+    cors_allow_origins: list[str] = field(default_factory=list)
 
     # MQTT.
     client_publish_allow: list[str] = field(default_factory=list)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 
 from endpoint_core.errors import DomainError
 from endpoint_core.expiry import ExpiryDriver
@@ -36,6 +38,7 @@ def create_app(
     mqtt: MqttHost,
     *,
     max_body_bytes: int = 64 * 1024,
+    cors_allow_origins: Sequence[str] = (),
     on_started: Callable[[], None] | None = None,
 ) -> Starlette:
     @contextlib.asynccontextmanager
@@ -53,8 +56,19 @@ def create_app(
             expiry.stop()
             await mqtt.stop()
 
+    middleware = []
+    if cors_allow_origins:
+        # Tokens travel in the Authorization header, never in cookies, so no credentials mode.
+        middleware.append(Middleware(
+            CORSMiddleware,
+            allow_origins=list(cors_allow_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+            max_age=600,
+        ))
     app = Starlette(
         routes=routes,
+        middleware=middleware,
         lifespan=lifespan,
         exception_handlers={
             DomainError: domain_error,

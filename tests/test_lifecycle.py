@@ -165,3 +165,21 @@ def test_a_busy_port_fails_startup_with_a_non_zero_exit() -> None:
                          env={"ENDPOINT_BROKER_JWT_SECRET": SECRET})
     assert result.returncode != 0
 
+
+
+def test_cors_is_off_by_default_and_configurable(service: ServiceProcess,
+                                                make_service: Callable[..., ServiceProcess]) -> None:
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    with service.http() as http:
+        assert "access-control-allow-origin" not in http.options(BASE, headers=preflight).headers
+    process = make_service(env={"ENDPOINT_BROKER_CORS_ALLOW_ORIGINS": "https://app.example"})
+    with process.http(token("cors")) as http:
+        allowed = http.options(BASE, headers=preflight)
+        assert allowed.status_code == 200
+        assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+        assert "authorization" in allowed.headers["access-control-allow-headers"].lower()
+        response = http.get(BASE, headers={"Origin": "https://app.example"})
+        assert response.headers["access-control-allow-origin"] == "https://app.example"
+        denied = http.options(BASE, headers={**preflight, "Origin": "https://evil.example"})
+        assert denied.status_code == 400
