@@ -88,7 +88,7 @@ def _is_instant(text: str) -> bool:
     if not EVENT_TIMESTAMP.fullmatch(text):
         return False
     try:
-        datetime.strptime(text[:19], "%Y-%m-%dT%H:%M:%S")
+        datetime.fromisoformat(text[:19])  # the calendar check; the format was checked above
     except ValueError:
         return False
     return True
@@ -136,8 +136,10 @@ def _compile(mask: str, field: str) -> Any:
     return expression
 
 
-def masked(event: Mapping[str, Any], masks: Sequence[Any]) -> dict[str, Any]:
+def masked(event: Mapping[str, Any], masks: Sequence[Any]) -> Mapping[str, Any]:
     """A copy of `event` with each masked string replaced by '*' of the same length."""
+    if not masks:
+        return event  # nothing to hide, so nothing to copy
     result = copy.deepcopy(dict(event))
     for expression in masks:
         for match in expression.find(result):

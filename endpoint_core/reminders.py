@@ -8,9 +8,10 @@ keep a silent client alive by itself.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
+
+import orjson
 
 from endpoint_core.clock import iso_instant
 
@@ -27,4 +28,4 @@ def keepalive_reminder(endpoint_id: str, user_id: str, expires_at_unix: float) -
         "userEndpointId": endpoint_id,
         "expiresAt": iso_instant(expires_at_unix),
     }
-    return json.dumps(event, separators=(",", ":")).encode()
+    return orjson.dumps(event)

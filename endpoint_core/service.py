@@ -10,10 +10,11 @@ Access rules, in one place:
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from typing import Any
+
+import orjson
 
 from endpoint_core.endpoint import EndpointLink, UserEndpoint
 from endpoint_core.errors import Forbidden, InvalidInput, NotAuthenticated, NotFound, Unavailable
@@ -24,10 +25,6 @@ from endpoint_core.table import EndpointTable
 
 log = logging.getLogger("endpoint_broker.service")
 event_log = logging.getLogger("endpoint_broker.events")
-
-
-def _json(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 class EndpointService:
@@ -120,14 +117,14 @@ class EndpointService:
             targets = [endpoint]
         else:
             targets = self.table.endpoints_of(organization_id, command.user_id)
-        report = self.table.deliver(targets, _json(command.event), command.qos)
+        report = self.table.deliver(targets, orjson.dumps(command.event), command.qos)
         if report.full:
             log.warning(
                 "sendEvent %s: queue full, event not taken by endpoint(s) %s",
                 command.event["type"], ", ".join(report.full),
             )
         if event_log.isEnabledFor(logging.INFO):
-            event_log.info("sendEvent %s", json.dumps({
+            event_log.info("sendEvent %s", orjson.dumps({
                 "type": command.event["type"],
                 "organizationId": organization_id,
                 "userId": command.user_id,
@@ -135,7 +132,7 @@ class EndpointService:
                 "endpoints": report.delivered,
                 "qos": command.qos,
                 "event": masked(command.event, command.masks),
-            }, ensure_ascii=False))
+            }).decode())
         if report.full and report.delivered == 0:
             raise Unavailable(
                 "no targeted endpoint could take the event: their queues are full", "userEndpointId"

@@ -280,9 +280,9 @@ def test_masks_hide_secrets_from_logs_but_not_from_subscribers(service: ServiceP
         received = client.next_publish()
         assert received.json() == payload
         client.puback(received.packet_id)  # type: ignore[arg-type]
-    log = wait_until(lambda: f'"userId": "{user}"' in service.stderr() and service.stderr())
+    log = wait_until(lambda: f'"userId":"{user}"' in service.stderr() and service.stderr())
     assert secret not in log and other_secret not in log
-    line = next(line for line in log.splitlines() if f'"userId": "{user}"' in line and "sendEvent" in line)
+    line = next(line for line in log.splitlines() if f'"userId":"{user}"' in line and "sendEvent" in line)
     logged = json.loads(line.split("sendEvent ", 1)[1])
     assert logged["event"]["credentials"]["password"] == "*" * len(secret)
     assert logged["event"]["guests"] == [{"pin": "*" * len(other_secret)}, {"pin": "*"}]
