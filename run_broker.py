@@ -26,6 +26,7 @@ from starlette.applications import Starlette
 
 from broker_plugin.runtime import MqttRuntime, MqttSettings
 from config import ConfigError, Settings, load_settings
+from config.log_output import configure_logging
 from endpoint_core.principals import ClaimNames, JwtVerifier, mint_token
 from endpoint_core.service import EndpointService
 from endpoint_core.table import EndpointTable, TablePolicy
@@ -112,17 +113,6 @@ def print_dev_banner(settings: Settings, dev_secret: str) -> None:
         f"-H 'Content-Type: application/json' -d {shlex.quote(body)}\n",
         flush=True,
     )
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # amqtt logs every connection and transitions every state change at INFO.
-    for noisy in ("amqtt", "transitions"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 class Server(uvicorn.Server):
