@@ -14,6 +14,7 @@ from starlette.middleware.cors import CORSMiddleware
 from endpoint_core.errors import DomainError
 from endpoint_core.expiry import ExpiryDriver
 from endpoint_core.service import EndpointService
+from http_bridge.commands import CommandRoutes
 from http_bridge.problems import domain_error, http_error, unexpected_error
 from http_bridge.routes import routes
 
@@ -56,7 +57,7 @@ def create_app(
             expiry.stop()
             await mqtt.stop()
 
-    middleware = []
+    middleware: list[Middleware] = []
     if cors_allow_origins:
         # Tokens travel in the Authorization header, never in cookies, so no credentials mode.
         middleware.append(Middleware(
@@ -66,6 +67,8 @@ def create_app(
             allow_headers=["Authorization", "Content-Type"],
             max_age=600,
         ))
+    # Innermost, so that CORS and the 500 handler wrap the command routes too.
+    middleware.append(Middleware(CommandRoutes, service=service, max_body_bytes=max_body_bytes))
     app = Starlette(
         routes=routes,
         middleware=middleware,

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
 
+import orjson
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -39,18 +39,29 @@ STATUS_OF: dict[type[DomainError], int] = {
 }
 
 
-def problem(status: int, title: str, detail: str, field: str | None = None) -> Response:
+def status_of(error: DomainError) -> int:
+    return next((code for kind, code in STATUS_OF.items() if isinstance(error, kind)), 400)
+
+
+def problem_body(status: int, title: str, detail: str, field: str | None = None) -> bytes:
     body: dict[str, object] = {"type": "about:blank", "title": title, "status": status, "detail": detail}
     if field is not None:
         body["field"] = field
-    headers = {"WWW-Authenticate": 'Bearer error="invalid_token"'} if status == 401 else None
-    return Response(json.dumps(body), status_code=status, media_type=PROBLEM_JSON, headers=headers)
+    return orjson.dumps(body)
+
+
+def problem_headers(status: int) -> dict[str, str]:
+    return {"WWW-Authenticate": 'Bearer error="invalid_token"'} if status == 401 else {}
+
+
+def problem(status: int, title: str, detail: str, field: str | None = None) -> Response:
+    return Response(problem_body(status, title, detail, field), status_code=status, media_type=PROBLEM_JSON,
+                    headers=problem_headers(status))
 
 
 async def domain_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, DomainError)
-    status = next((code for kind, code in STATUS_OF.items() if isinstance(exc, kind)), 400)
-    return problem(status, exc.title, exc.detail, exc.field)
+    return problem(status_of(exc), exc.title, exc.detail, exc.field)
 
 
 async def http_error(request: Request, exc: Exception) -> Response:

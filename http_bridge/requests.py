@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+import orjson
 from starlette.requests import Request
 
 from endpoint_core.errors import InvalidInput
@@ -22,20 +22,23 @@ def principal_of(request: Request) -> Principal:
     return service_of(request).authenticate_bearer(request.headers.get("authorization"))
 
 
-async def json_body(request: Request) -> Any:
-    """The parsed JSON body; 413 past the configured limit, 400 when it is not JSON."""
-    limit: int = request.app.state.max_body_bytes
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+def check_declared_length(content_length: str | None, limit: int) -> None:
+    """413 before reading, when the client announces a body over the limit."""
+    if content_length is not None and content_length.isdigit() and int(content_length) > limit:
         raise PayloadTooLarge(f"the request body exceeds {limit} bytes", "body")
-    chunks = bytearray()
-    async for chunk in request.stream():
-        chunks += chunk
-        if len(chunks) > limit:
-            raise PayloadTooLarge(f"the request body exceeds {limit} bytes", "body")
-    if not chunks.strip():
+
+
+def check_length(received: int, limit: int) -> None:
+    if received > limit:
+        raise PayloadTooLarge(f"the request body exceeds {limit} bytes", "body")
+
+
+def parse_json(raw: bytes | bytearray) -> Any:
+    """The body as JSON; 400 when it is empty or not JSON (orjson: strict RFC 8259, 64-bit integers)."""
+    if not raw.strip():
         raise InvalidInput("the request body must be a JSON object", "body")
     try:
-        return json.loads(chunks)
-    except (ValueError, UnicodeDecodeError) as exc:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
         raise InvalidInput(f"the request body is not valid JSON: {exc}", "body") from None
+
