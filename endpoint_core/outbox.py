@@ -7,6 +7,7 @@ acknowledged, or when its endpoint dies.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -25,12 +26,16 @@ class PendingEvent:
 class Outbox:
     """Ordered pending events, bounded by count and payload bytes."""
 
-    __slots__ = ("_by_packet", "_bytes", "_next_packet_id", "_pending", "max_bytes", "max_count")
+    __slots__ = ("_by_packet", "_bytes", "_next_packet_id", "_pending", "_unsent", "max_bytes", "max_count")
 
     def __init__(self, max_count: int, max_bytes: int) -> None:
         self.max_count = max_count
         self.max_bytes = max_bytes
         self._pending: dict[int, PendingEvent] = {}  # id(event) -> event, in arrival order
+        # Not yet sent on the current link, oldest first. Sending is in order, so
+        # this is always a suffix of `_pending`, and flushing costs O(sent), not
+        # O(queue), even for a slow consumer with a long queue.
+        self._unsent: deque[PendingEvent] = deque()
         self._by_packet: dict[int, PendingEvent] = {}
         self._bytes = 0
         self._next_packet_id = 0
@@ -49,12 +54,20 @@ class Outbox:
             return None
         event = PendingEvent(payload)
         self._pending[id(event)] = event
+        self._unsent.append(event)
         self._bytes += size
         return event
 
-    def unsent(self) -> Iterator[PendingEvent]:
-        """Events not yet sent on the current link, oldest first."""
-        return (e for e in list(self._pending.values()) if e.sent_at is None)
+    def next_unsent(self) -> PendingEvent | None:
+        """The oldest event not yet sent on the current link."""
+        return self._unsent[0] if self._unsent else None
+
+    def mark_sent(self, event: PendingEvent, now: float) -> None:
+        """`event`, the oldest unsent one, has just been sent on the current link."""
+        assert self._unsent[0] is event
+        self._unsent.popleft()
+        event.sends += 1
+        event.sent_at = now
 
     def overdue(self, now: float, timeout: float) -> Iterator[PendingEvent]:
         """Events sent on the current link whose PUBACK is later than `timeout`."""
@@ -96,3 +109,4 @@ class Outbox:
         for event in self._pending.values():
             event.unacked.clear()
             event.sent_at = None
+        self._unsent = deque(self._pending.values())

@@ -260,30 +260,23 @@ class EndpointTable:
         if link is None or outbox is None or not endpoint.subscriptions:
             return
         sent_any = False
-        for event in outbox.unsent():
-            if not self._send(endpoint, link, outbox, event, endpoint.subscriptions, now):
+        while (event := outbox.next_unsent()) is not None:
+            if not self._send(link, outbox, event, endpoint.subscriptions):
                 break
+            outbox.mark_sent(event, now)
             sent_any = True
         if sent_any:
             self._arm_at(endpoint, now + self.policy.ack_timeout_seconds)
 
     @staticmethod
-    def _send(
-        endpoint: UserEndpoint,
-        link: EndpointLink,
-        outbox: Outbox,
-        event: PendingEvent,
-        topics: Iterable[str],
-        now: float,
-    ) -> bool:
+    def _send(link: EndpointLink, outbox: Outbox, event: PendingEvent, topics: Iterable[str]) -> bool:
+        """PUBLISH `event` on each subscribed topic form (DUP if it was sent before)."""
         dup = event.sends > 0
         for topic in list(topics):
             packet_id = outbox.allocate_packet_id()
             if not link.publish(topic, event.payload, 1, packet_id, dup):
                 return False
             outbox.record_send(event, packet_id, topic)
-        event.sends += 1
-        event.sent_at = now
         return True
 
     def _redeliver(self, endpoint: UserEndpoint, now: float) -> None:

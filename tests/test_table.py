@@ -261,3 +261,22 @@ def test_removal_closes_the_link_and_drops_the_queue(clock: Clock) -> None:
     assert link.closed == ["unregistered"] and endpoint.outbox is None and table.get("e1") is None
     assert table.endpoints_of("o", "u") == []
     assert table.deliver([endpoint], b"late", 1).delivered == 0
+
+
+def test_a_new_event_for_a_slow_consumer_sends_only_itself(clock: Clock) -> None:
+    table = make_table(clock)
+    endpoint, _ = table.connect("u", "o", "e1", 300, link := FakeLink(), False)
+    table.subscribe(endpoint, link, "users/endpoints/e1")
+    for n in range(500):
+        table.deliver([endpoint], str(n).encode(), 1)
+    assert len(link.sent) == 500  # all in flight, none acknowledged
+    table.acknowledge(endpoint, link, link.sent[100][3])  # type: ignore[arg-type]
+    table.deliver([endpoint], b"late", 1)
+    assert [payload for _, payload, _, _, _ in link.sent[500:]] == [b"late"]
+    table.disconnect(endpoint, link, clean=False)
+    table.connect("u", "o", "e1", 300, again := FakeLink(), False)
+    table.subscribe(endpoint, again, "users/endpoints/e1")
+    table.flush(endpoint, again)
+    resent = [payload for _, payload, _, _, _ in again.sent]
+    assert resent == [str(n).encode() for n in range(500) if n != 100] + [b"late"]
+    assert all(dup for *_, dup in again.sent)
