@@ -1,0 +1,1 @@
+"""The endpoint-broker benchmark suite: `scripts/bench` (see bench/README.md)."""

@@ -1,0 +1,277 @@
+"""Turns records into tables: median [min-max] over runs, per-run ratios to each baseline, CPU, notes, targets."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from bench.cpu import MIN_WINDOW_S, OTHER_LOAD_PCT
+
+BASELINES = ("amqtt", "mosquitto")
+SCENARIO_ORDER = ("send", "connect", "memory", "keepalive")
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    label: str
+    better: str  # "higher" or "lower"
+
+
+FIELDS: dict[str, tuple[Field, ...]] = {
+    "send": (Field("delivered_per_s", "delivered events/s", "higher"),
+             Field("p50_ms", "end-to-end p50 ms", "lower"),
+             Field("p99_ms", "end-to-end p99 ms", "lower")),
+    "connect": (Field("rate", "CONNECT to SUBACK /s", "higher"),
+                Field("late_rate", "/s while the table is 80-90% full", "higher")),
+    "memory": (Field("kb_per_endpoint", "RSS KB per idle endpoint", "lower"),),
+    "keepalive": (Field("cpu_pct", "broker CPU % of one core", "lower"),),
+}
+
+
+@dataclass
+class Spread:
+    values: list[float]
+    runs: int  # runs attempted, including failed ones
+    failed: int = 0  # runs whose measurement failed (as opposed to a figure that does not apply)
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.values) if self.values else None
+
+    def text(self) -> str:
+        if not self.values:
+            return "failed" if self.failed else ("n/a" if self.runs else "-")
+        low, high = min(self.values), max(self.values)
+        shown = fmt(statistics.median(self.values))
+        spread = f" [{fmt(low)}-{fmt(high)}]" if len(self.values) > 1 else ""
+        missing = f" ({len(self.values)}/{self.runs} runs)" if len(self.values) < self.runs else ""
+        return shown + spread + missing
+
+
+def fmt(value: float) -> str:
+    if math.isnan(value):
+        return "nan"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def key_of(record: dict[str, Any]) -> tuple[int, int, int]:
+    qos = record.get("qos")
+    return SCENARIO_ORDER.index(record["scenario"]), record["n"], -1 if qos is None else qos
+
+
+def title(record: dict[str, Any]) -> str:
+    n, requested = record["n"], record.get("extra", {}).get("requested_n", record["n"])
+    size = f"N={n:,}" + (f" ({requested:,} asked)" if requested != n else "")
+    return {
+        "send": f"sendEvent {size} QoS {record.get('qos')}",
+        "connect": f"connect {size}",
+        "memory": f"idle memory {size}",
+        "keepalive": f"keepalive {size}",
+    }[record["scenario"]]
+
+
+def group(records: list[dict[str, Any]]) -> dict[tuple[int, int, int], dict[str, list[dict[str, Any]]]]:
+    groups: dict[tuple[int, int, int], dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for record in records:
+        if record["scenario"] in FIELDS:
+            groups[key_of(record)][record["system"]].append(record)
+    return dict(sorted(groups.items()))
+
+
+def value(record: dict[str, Any], field: str) -> float | None:
+    found = record.get("values", {}).get(field)
+    return None if found is None or record.get("error") else float(found)
+
+
+def ratio_spread(ours: list[dict[str, Any]], base: list[dict[str, Any]], field: str) -> Spread:
+    """ours / baseline for each run in which both were measured."""
+    by_run = {r["run"]: value(r, field) for r in base}
+    ratios = []
+    for record in ours:
+        mine, theirs = value(record, field), by_run.get(record["run"])
+        if mine is not None and theirs:
+            ratios.append(mine / theirs)
+    return Spread(ratios, len(ours))
+
+
+def metric_rows(records: list[dict[str, Any]], systems: list[str]) -> tuple[list[str], list[list[str]]]:
+    baselines = [b for b in BASELINES if b in systems and "ours" in systems]
+    header = ["metric", *systems, *[f"ours/{b}" for b in baselines], "better"]
+    rows = []
+    for by_system in group(records).values():
+        sample = next(iter(by_system.values()))[0]
+        for field in FIELDS[sample["scenario"]]:
+            row = [f"{title(sample)}: {field.label}"]
+            for system in systems:
+                runs = by_system.get(system, [])
+                found = [v for r in runs if (v := value(r, field.name)) is not None]
+                row.append(Spread(found, len(runs), sum(bool(r.get("error")) for r in runs)).text())
+            for base in baselines:
+                row.append(ratio_spread(by_system.get("ours", []), by_system.get(base, []), field.name).text())
+            row.append(field.better)
+            rows.append(row)
+    return header, rows
+
+
+def cpu_rows(records: list[dict[str, Any]], systems: list[str]) -> tuple[list[str], list[list[str]]]:
+    """Median service and generator CPU per measurement, in % of one core; gen max = busiest generator process."""
+    header = ["measurement", *[f"{s}: service / gen (max) / machine, limit" for s in systems]]
+    rows = []
+    for by_system in group(records).values():
+        sample = next(iter(by_system.values()))[0]
+        if sample["scenario"] == "memory":
+            continue
+        row = [title(sample)]
+        for system in systems:
+            cpus = [r["cpu"] for r in by_system.get(system, []) if r.get("cpu")]
+            if not cpus:
+                row.append("-")
+                continue
+            service = statistics.median(c["service_pct"] for c in cpus)
+            generator = statistics.median(c["generator_pct"] for c in cpus)
+            busiest = max(c["generator_max_pct"] for c in cpus)
+            machine = statistics.median(c["machine_pct"] for c in cpus)
+            limits = sorted({c.get("limit", "?") for c in cpus})
+            row.append(f"{service:.0f}% / {generator:.0f}% ({busiest:.0f}%) / {machine:.0f}%, {'+'.join(limits)}")
+        rows.append(row)
+    return header, rows
+
+
+def notes(records: list[dict[str, Any]]) -> list[str]:
+    """Each distinct note or error once, with the runs it appeared in; CPU limits and other load summarised."""
+    seen: dict[tuple[str, str], set[int]] = defaultdict(set)
+    other_load: dict[str, float] = {}
+    for record in sorted(records, key=lambda r: (r["system"], r["run"])):
+        label = title(record) if record["scenario"] in FIELDS else f"{record['scenario']} N={record['n']:,}"
+        where = f"{record['system']}, {label}"
+        texts = [t for t in record.get("notes", []) if not t.startswith("other load")]
+        if record.get("error"):
+            texts.append(f"FAILED: {record['error']}")
+        if record.get("cpu", {}).get("limit") == "generator":
+            texts.append("the generator, not the system, was the limit: read the figure as a lower bound")
+        for text in texts:
+            seen[(where, text)].add(record["run"])
+        other = record.get("cpu", {}).get("other_pct", 0.0)
+        if other >= OTHER_LOAD_PCT and record.get("cpu", {}).get("seconds", 0.0) >= MIN_WINDOW_S:
+            seen[(where, "other load on the machine during the measurement")].add(record["run"])
+            other_load[where] = max(other_load.get(where, 0.0), other)
+    lines = []
+    for (where, text), runs in seen.items():
+        peak = f" (up to {other_load[where]:.0f}% of a core)" if text.startswith("other load") else ""
+        lines.append(f"{where} (runs {', '.join(map(str, sorted(runs)))}): {text}{peak}")
+    return lines
+
+
+# ------------------------------------------------------------------ targets
+
+
+def _median(records: list[dict[str, Any]], system: str, scenario: str, n: int, field: str,
+            qos: int | None = None) -> float | None:
+    values = [v for r in records if r["system"] == system and r["scenario"] == scenario and r["n"] == n
+              and r.get("qos") == qos and (v := value(r, field)) is not None]
+    return statistics.median(values) if values else None
+
+
+def _verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("PASS" if ok else "FAIL")
+
+
+def targets(records: list[dict[str, Any]], idle_size: int) -> list[list[str]]:
+    """The issue's targets, checked on medians (ratios: median of the per-run ratios)."""
+    out: list[list[str]] = []
+    groups = group(records)
+    for (scenario_index, n, qos), by_system in groups.items():
+        scenario = SCENARIO_ORDER[scenario_index]
+        ours = by_system.get("ours", [])
+        if scenario == "send":
+            ratio = ratio_spread(ours, by_system.get("mosquitto", []), "delivered_per_s").median
+            p99_ours = _median(records, "ours", "send", n, "p99_ms", qos)
+            p99_mosq = _median(records, "mosquitto", "send", n, "p99_ms", qos)
+            ok = None if ratio is None or p99_ours is None or p99_mosq is None else (
+                ratio >= 1.5 and p99_ours < p99_mosq)
+            out.append([f"sendEvent N={n:,} QoS {qos}: >= 1.5x mosquitto stack events/s, lower p99",
+                        f"{fmt(ratio) if ratio else '-'}x, p99 {fmt(p99_ours) if p99_ours else '-'} vs "
+                        f"{fmt(p99_mosq) if p99_mosq else '-'} ms", _verdict(ok)])
+        elif scenario == "connect":
+            ratio = ratio_spread(ours, by_system.get("amqtt", []), "rate").median
+            out.append([f"connect N={n:,}: >= 3x bare amqtt", f"{fmt(ratio)}x" if ratio else "-",
+                        _verdict(None if ratio is None else ratio >= 3)])
+        elif scenario == "memory" and n == idle_size:
+            kb = _median(records, "ours", "memory", n, "kb_per_endpoint")
+            out.append([f"memory N={n:,}: <= 15 KB per idle endpoint", f"{fmt(kb)} KB" if kb is not None else "-",
+                        _verdict(None if kb is None else kb <= 15)])
+        elif scenario == "keepalive" and n == idle_size:
+            cpu = _median(records, "ours", "keepalive", n, "cpu_pct")
+            out.append([f"keepalive N={n:,}, PINGREQ every 10 s: < 20% of one core",
+                        f"{fmt(cpu)}%" if cpu is not None else "-", _verdict(None if cpu is None else cpu < 20)])
+    out += flatness(records, idle_size)
+    return out
+
+
+def flatness(records: list[dict[str, Any]], idle_size: int) -> list[list[str]]:
+    """Connect rate at the idle size (10k) within 20% of the rate at the smallest size (1k)."""
+    sizes = sorted({r["n"] for r in records if r["system"] == "ours" and r["scenario"] == "connect"})
+    if len(sizes) < 2 or idle_size not in sizes or sizes[0] == idle_size:
+        return []
+    small = _median(records, "ours", "connect", sizes[0], "rate")
+    large = _median(records, "ours", "connect", idle_size, "rate")
+    share = None if not small or large is None else large / small
+    return [[f"connect rate at N={idle_size:,} within 20% of N={sizes[0]:,}",
+             f"{fmt(share * 100)}%" if share is not None else "-", _verdict(None if share is None else share >= 0.8)]]
+
+
+# ------------------------------------------------------------------ rendering
+
+
+def render(header: list[str], rows: list[list[str]], markdown: bool) -> str:
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+        return "\n".join(lines)
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = "  ".join("-" * w for w in widths)
+    body = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip(), line, *body])
+
+
+def machine_lines(meta: dict[str, Any]) -> list[str]:
+    m = meta["machine"]
+    packages = ", ".join(f"{k} {v}" for k, v in m["packages"].items())
+    return [
+        f"Date: {meta['started']} (took {meta.get('minutes', 0):.1f} min)",
+        f"Command: {meta['command']}",
+        f"Machine: {m['cpu']}, {m['logical_cores']} logical cores ({m['physical_cores']} physical), "
+        f"{m['ram_gb']} GB RAM; {m['os']}, kernel {m['kernel']}; Python {m['python']}",
+        f"Packages: {packages}; mosquitto {m['mosquitto'] or 'not installed'}",
+        f"Code: endpoint-broker {m['code']}; load average at start {m['load_average_at_start']}",
+        f"Profile: {meta['profile']['name']}, {meta['profile']['runs']} runs; limits: {meta['limits']}",
+    ]
+
+
+def report(result: dict[str, Any], markdown: bool = False) -> str:
+    records, systems, meta = result["records"], result["systems"], result["meta"]
+    idle_size = meta["profile"]["idle_size"]
+    heading = "### " if markdown else "== "
+    parts = ["\n".join(("- " + line if markdown else line) for line in machine_lines(meta))]
+    parts.append(f"{heading}Results: median [min-max] over runs; ratios are ours/baseline per run")
+    parts.append(render(*metric_rows(records, systems), markdown))
+    parts.append(f"{heading}CPU during each measurement, % of one core (median over runs; gen max = busiest "
+                 "generator process, max over runs)")
+    parts.append(render(*cpu_rows(records, systems), markdown))
+    target_rows = targets(records, idle_size) if "ours" in systems else []
+    if target_rows:
+        parts.append(f"{heading}Targets (ours)")
+        parts.append(render(["target", "measured", "verdict"], target_rows, markdown))
+    found = notes(records)
+    if found:
+        parts.append(f"{heading}Notes")
+        parts.append("\n".join(f"- {n}" for n in found))
+    return "\n\n".join(parts) + "\n"

@@ -1,0 +1,136 @@
+"""The systems under test, each started as its own processes on free loopback ports.
+
+- ours: run_broker.py (broker and HTTP bridge in one process).
+- amqtt: bare amqtt 0.12.1 (bench.amqtt_broker) + the DIY publisher for sendEvent.
+- mosquitto: Debian's mosquitto with a generated config + the DIY publisher.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from bench import procs
+from bench.plan import TopicStyle
+
+START_TIMEOUT_S = 30.0
+SYSTEMS = ("ours", "amqtt", "mosquitto")
+
+
+def mosquitto_binary() -> str | None:
+    return shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/bin/mosquitto") if os.access(p, os.X_OK)), None)
+
+
+class System:
+    """One system under test. `broker` is the process whose RSS and keepalive CPU are reported."""
+
+    name = ""
+    style = TopicStyle.USER
+
+    def __init__(self, workdir: Path, tag: str, secret: str, with_http: bool, log_level: str,
+                 ours_dir: Path = procs.REPO) -> None:
+        self.workdir, self.tag, self.secret = workdir, tag, secret
+        self.with_http, self.log_level, self.ours_dir = with_http, log_level, ours_dir
+        self.mqtt_port = procs.free_port()
+        self.http_port = procs.free_port()
+        self.broker: procs.Managed | None = None
+        self.publisher: procs.Managed | None = None
+
+    def log(self, what: str) -> Path:
+        return self.workdir / f"{self.tag}-{what}.log"
+
+    @property
+    def processes(self) -> list[procs.Managed]:
+        return [p for p in (self.broker, self.publisher) if p is not None]
+
+    async def start(self) -> None:
+        await self.start_broker()
+        if self.with_http and self.publisher is None and self.name != "ours":
+            env = {**os.environ, "BENCH_JWT_SECRET": self.secret}
+            self.publisher = procs.Managed(
+                "diy-publisher",
+                [sys.executable, "-m", "bench.diy_publisher", "--broker-port", str(self.mqtt_port),
+                 "--http-port", str(self.http_port)],
+                self.log("publisher"), env)
+            await self.publisher.start()
+            await procs.wait_for_http(self.publisher, self.http_port, "/healthz", START_TIMEOUT_S)
+
+    async def start_broker(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        # The publisher first: it is a client of the broker.
+        for process in reversed(self.processes):
+            await process.stop()
+
+
+class Ours(System):
+    name = "ours"
+    style = TopicStyle.ENDPOINT
+
+    async def start_broker(self) -> None:
+        env = {**os.environ, "ENDPOINT_BROKER_JWT_SECRET": self.secret, "ENDPOINT_BROKER_LOG_LEVEL": self.log_level}
+        self.broker = procs.Managed(
+            "endpoint-broker",
+            [sys.executable, "run_broker.py", "--host", "127.0.0.1", "--mqtt-port", str(self.mqtt_port),
+             "--http-port", str(self.http_port)],
+            self.log("broker"), env, cwd=self.ours_dir)
+        await self.broker.start()
+        await procs.wait_for_http(self.broker, self.http_port, "/healthz", START_TIMEOUT_S)
+
+
+class BareAmqtt(System):
+    name = "amqtt"
+
+    async def start_broker(self) -> None:
+        self.broker = procs.Managed(
+            "amqtt", [sys.executable, "-m", "bench.amqtt_broker", "--port", str(self.mqtt_port)], self.log("broker"))
+        await self.broker.start()
+        await procs.wait_for_tcp(self.broker, self.mqtt_port, START_TIMEOUT_S)
+
+
+class Mosquitto(System):
+    name = "mosquitto"
+
+    async def start_broker(self) -> None:
+        binary = mosquitto_binary()
+        if binary is None:
+            raise RuntimeError("mosquitto is not installed (scripts/bench installs it with apt-get)")
+        config = self.workdir / f"{self.tag}-mosquitto.conf"
+        config.write_text(
+            f"listener {self.mqtt_port} 127.0.0.1\n"
+            "allow_anonymous true\n"
+            "persistence false\n"
+            "log_dest stderr\n"
+            "log_type error\n"
+            "log_type warning\n"
+            "connection_messages false\n"
+        )
+        self.broker = procs.Managed("mosquitto", [binary, "-c", str(config)], self.log("broker"))
+        await self.broker.start()
+        await procs.wait_for_tcp(self.broker, self.mqtt_port, START_TIMEOUT_S)
+
+
+def snapshot_ours(repo: Path, destination: Path) -> str:
+    """Copy the service's code (run_broker.py and its packages) so that every session of a run
+    measures the same code, even while the working tree is being edited. Returns a content hash."""
+    packages = [d for d in sorted(repo.iterdir())
+                if (d / "__init__.py").is_file() and d.name not in ("bench", "tests")]
+    destination.mkdir(parents=True)
+    shutil.copy2(repo / "run_broker.py", destination / "run_broker.py")
+    for package in packages:
+        shutil.copytree(package, destination / package.name, ignore=shutil.ignore_patterns("__pycache__"))
+    digest = hashlib.sha256()
+    for path in sorted(destination.rglob("*.py")):
+        digest.update(str(path.relative_to(destination)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def make_system(name: str, workdir: Path, tag: str, secret: str, with_http: bool, log_level: str,
+                ours_dir: Path = procs.REPO) -> System:
+    kinds: dict[str, type[System]] = {"ours": Ours, "amqtt": BareAmqtt, "mosquitto": Mosquitto}
+    return kinds[name](workdir, tag, secret, with_http, log_level, ours_dir)
