@@ -12,7 +12,10 @@ arrive in:
 Expiry runs from a heap with one live entry per endpoint. A keepalive only moves
 `last_keepalive` forward, which can only make the endpoint's next event later, so
 it costs O(1) and leaves the heap alone; when the old entry comes due, the
-endpoint is looked at and re-armed for its real next event.
+endpoint is looked at and re-armed for its real next event. Arming an earlier
+entry (a QoS 1 redelivery timer, a shorter keepalive) leaves the old entry
+behind, stale; the heap is rebuilt from the live entries whenever stale ones
+outnumber them, so it stays O(endpoints) however long the keepalives are.
 """
 
 from __future__ import annotations
@@ -384,8 +387,15 @@ class EndpointTable:
         endpoint.timer_token = token
         endpoint.timer_at = when
         heapq.heappush(self._heap, (when, token, endpoint))
+        if len(self._heap) > 2 * len(self._by_id) + 64:
+            self._compact()
         if self._heap[0][1] == token and self.on_earlier_deadline is not None:
             self.on_earlier_deadline(when)
+
+    def _compact(self) -> None:
+        """Drop stale heap entries: O(n), after at least n pushes, so O(1) amortised."""
+        self._heap = [(e.timer_at, e.timer_token, e) for e in self._by_id.values() if e.timer_token]
+        heapq.heapify(self._heap)
 
     # --------------------------------------------------------------- helpers
 

@@ -280,3 +280,20 @@ def test_a_new_event_for_a_slow_consumer_sends_only_itself(clock: Clock) -> None
     resent = [payload for _, payload, _, _, _ in again.sent]
     assert resent == [str(n).encode() for n in range(500) if n != 100] + [b"late"]
     assert all(dup for *_, dup in again.sent)
+
+
+def test_the_timer_heap_stays_bounded_with_long_keepalives_and_redelivery_timers(clock: Clock) -> None:
+    table = make_table(clock, ack_timeout_seconds=1)
+    endpoints = []
+    for i in range(100):
+        endpoint, _ = table.connect("u", "o", f"e{i}", 86_400, link := FakeLink(), False)
+        table.subscribe(endpoint, link, f"users/endpoints/e{i}")
+        endpoints.append(endpoint)
+    for _ in range(50):  # each round: an event for everyone, then its redelivery timer fires
+        table.deliver(endpoints, b"event", 1)
+        for endpoint in endpoints:
+            for packet_id in list(endpoint.outbox._by_packet):  # type: ignore[union-attr]
+                table.acknowledge(endpoint, endpoint.link, packet_id)  # type: ignore[arg-type]
+        advance(table, clock, 1.1)
+        assert len(table._heap) <= 2 * len(table) + 64
+    assert all(not e.removed and e.state is EndpointState.HEALTHY for e in endpoints)
