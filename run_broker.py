@@ -129,7 +129,24 @@ class Server(uvicorn.Server):
             captured.clear()
 
 
+def raise_file_limit() -> None:
+    """Every MQTT connection holds a descriptor: use all the hard limit allows (often 1024 soft)."""
+    try:
+        import resource  # noqa: PLC0415 - POSIX only
+    except ImportError:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    log.info("open file limit: %s (about that many connections)", soft)
+
+
 def serve(settings: Settings) -> int:
+    raise_file_limit()
     app = build_app(settings)
     server = Server(uvicorn.Config(
         app,

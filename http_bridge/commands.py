@@ -92,6 +92,7 @@ class CommandRoutes:
         check_declared_length(content_length, self.max_body_bytes)
         message = await receive()
         body = message.get("body", b"")
+        check_length(len(body), self.max_body_bytes)  # a chunked body declares no length
         if not message.get("more_body", False):
             return body if message["type"] == "http.request" else None
         chunks = bytearray(body)

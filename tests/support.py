@@ -74,6 +74,7 @@ class ServiceProcess:
     env: dict[str, str] = field(default_factory=dict)
     args: list[str] = field(default_factory=list)
     secret: str | None = SECRET
+    soft_file_limit: int | None = None  # start the process with this soft RLIMIT_NOFILE
 
     def __post_init__(self) -> None:
         self.mqtt_port = free_port()
@@ -97,10 +98,17 @@ class ServiceProcess:
         self.process = subprocess.Popen(
             command, cwd=ROOT, env=env,
             stdout=self.stdout_path.open("wb"), stderr=self.stderr_path.open("wb"),
+            preexec_fn=self._lower_file_limit if self.soft_file_limit else None,  # noqa: PLW1509
         )
         if wait:
             self.wait_ready()
         return self
+
+    def _lower_file_limit(self) -> None:
+        import resource
+
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.soft_file_limit, hard))
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout

@@ -131,7 +131,11 @@ def test_a_body_over_the_limit_is_413(service: ServiceProcess) -> None:
         # Also when the client streams without announcing a length.
         chunks = iter([b'{"keepAliveSeconds": 30, "padding": "', padding.encode(), b'"}'])
         streamed = http.post(BASE, content=chunks, headers={"content-type": "application/json"})
-    assert_problem(streamed, 413, "body")
+        assert_problem(streamed, 413, "body")
+        # ...and in a single chunk, which the server receives as one message.
+        whole = iter([b'{"keepAliveSeconds": 30, "padding": "' + padding.encode() + b'"}'])
+        one_chunk = http.post(BASE, content=whole, headers={"content-type": "application/json"})
+    assert_problem(one_chunk, 413, "body")
 
 
 # ----------------------------------------------------------------- keepalive

@@ -183,3 +183,18 @@ def test_cors_is_off_by_default_and_configurable(service: ServiceProcess,
         assert response.headers["access-control-allow-origin"] == "https://app.example"
         denied = http.options(BASE, headers={**preflight, "Origin": "https://evil.example"})
         assert denied.status_code == 400
+
+
+@pytest.mark.skipif(not Path("/proc/self/limits").exists(), reason="needs Linux /proc")
+def test_the_open_file_limit_is_raised_to_the_hard_limit(make_service: Callable[..., ServiceProcess]) -> None:
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard <= 256:
+        pytest.skip("needs a finite hard limit above 256")
+    process = make_service(soft_file_limit=256)
+    assert process.process is not None
+    limits = Path(f"/proc/{process.process.pid}/limits").read_text()
+    soft, hard_seen = next(line for line in limits.splitlines() if line.startswith("Max open files")).split()[3:5]
+    assert int(soft) == int(hard_seen) == hard
+    wait_until(lambda: f"open file limit: {hard}" in process.stderr())  # INFO lines are flushed within 0.25 s
