@@ -207,7 +207,7 @@ class MqttConnection:
             clean_session=header.clean_session_flag,
         )
         if verdict.code != codec.ACCEPTED:
-            self._refuse(verdict.code, verdict.reason)
+            self._refuse(verdict.code, verdict.reason, client_id)
             return
         assert verdict.endpoint is not None and verdict.principal is not None
         self.client_id = client_id
@@ -223,8 +223,9 @@ class MqttConnection:
         if verdict.session_present:
             self._host.plugin.on_subscribed(self, verdict.endpoint)
 
-    def _refuse(self, code: int, reason: str) -> None:
-        log.info("refused CONNECT from %s: CONNACK %d (%s)", self.peer, code, reason)
+    def _refuse(self, code: int, reason: str, client_id: str | None = None) -> None:
+        # %r: a refused client id is untrusted text; repr keeps it on one log line.
+        log.info("refused CONNECT of %r from %s: CONNACK %d (%s)", client_id, self.peer, code, reason)
         self._sink.write(codec.encode_connack(False, code))
         self.close("connect refused")
 
