@@ -29,7 +29,7 @@ from config import ConfigError, Settings, load_settings
 from config.log_output import configure_logging
 from endpoint_core.principals import ClaimNames, JwtVerifier, mint_token
 from endpoint_core.service import EndpointService
-from endpoint_core.table import EndpointTable, TablePolicy
+from endpoint_core.table import EndpointTable
 from http_bridge.app import create_app
 
 log = logging.getLogger("endpoint_broker")
@@ -67,16 +67,7 @@ def build_app(settings: Settings) -> Starlette:
     """Wire the domain core, the broker and the bridge together."""
     dev_secret = secrets.token_urlsafe(32) if settings.dev_mode else None
     verifier = build_verifier(settings, dev_secret)
-    table = EndpointTable(TablePolicy(
-        max_keep_alive_seconds=settings.max_keep_alive_seconds,
-        default_mqtt_keep_alive_seconds=settings.default_mqtt_keep_alive_seconds,
-        expiry_grace_ratio=settings.expiry_grace_ratio,
-        min_expiry_grace_seconds=settings.min_expiry_grace_seconds,
-        reminder_ratio=settings.reminder_ratio,
-        queue_max_events=settings.queue_max_events,
-        queue_max_bytes=settings.queue_max_bytes,
-        ack_timeout_seconds=settings.ack_timeout_seconds,
-    ))
+    table = EndpointTable(settings.table_policy())
     service = EndpointService(table, verifier)
     mqtt = MqttRuntime(service, MqttSettings(
         host=settings.host,

@@ -19,7 +19,10 @@ from typing import Any
 
 import yaml
 
+from endpoint_core.table import TablePolicy
+
 ENV_PREFIX = "ENDPOINT_BROKER_"
+_POLICY = TablePolicy()
 
 
 class ConfigError(ValueError):
@@ -47,17 +50,15 @@ class Settings:
     jwt_roles_claim: str = "authorities"
     jwt_service_roles: list[str] = field(default_factory=lambda: ["SERVICE", "ROLE_SERVICE"])
 
-    # Endpoint lifecycle.
-    max_keep_alive_seconds: int = 86_400
-    default_mqtt_keep_alive_seconds: int = 60
-    expiry_grace_ratio: float = 0.5
-    min_expiry_grace_seconds: float = 1.0
-    reminder_ratio: float = 2 / 3
-
-    # Delivery.
-    queue_max_events: int = 1000
-    queue_max_bytes: int = 1 << 20
-    ack_timeout_seconds: float = 10.0
+    # Endpoint lifecycle and delivery: the table's own defaults (endpoint_core.table.TablePolicy).
+    max_keep_alive_seconds: int = _POLICY.max_keep_alive_seconds
+    default_mqtt_keep_alive_seconds: int = _POLICY.default_mqtt_keep_alive_seconds
+    expiry_grace_ratio: float = _POLICY.expiry_grace_ratio
+    min_expiry_grace_seconds: float = _POLICY.min_expiry_grace_seconds
+    reminder_ratio: float = _POLICY.reminder_ratio
+    queue_max_events: int = _POLICY.queue_max_events
+    queue_max_bytes: int = _POLICY.queue_max_bytes
+    ack_timeout_seconds: float = _POLICY.ack_timeout_seconds
 
     # HTTP.
     max_body_bytes: int = 64 * 1024
@@ -91,6 +92,10 @@ class Settings:
             raise ConfigError("queue_max_events and queue_max_bytes must be positive")
         if self.jwt_public_key_file and not Path(self.jwt_public_key_file).is_file():
             raise ConfigError(f"jwt_public_key_file {self.jwt_public_key_file!r} does not exist")
+
+    def table_policy(self) -> TablePolicy:
+        """The table's settings, field by field."""
+        return TablePolicy(**{f.name: getattr(self, f.name) for f in fields(TablePolicy)})
 
     def redacted(self) -> dict[str, Any]:
         """The settings, safe to log."""

@@ -23,6 +23,15 @@ HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 RSA_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 EC_ALGORITHMS = frozenset({"ES256", "ES384", "ES512"})
 
+# Why a token was refused, by PyJWT's exception, in words for the problem body.
+_FAILURES: tuple[tuple[type[jwt.InvalidTokenError], str], ...] = (
+    (jwt.ExpiredSignatureError, "token has expired"),
+    (jwt.ImmatureSignatureError, "token is not valid yet (nbf)"),
+    (jwt.InvalidSignatureError, "token signature is invalid"),
+    (jwt.InvalidIssuerError, "token issuer is not accepted"),
+    (jwt.InvalidAudienceError, "token audience is not accepted"),
+)
+
 # Verified tokens are remembered for at most this long (and never past `exp`),
 # so a burst of requests with one token pays for one signature check.
 _CACHE_SECONDS = 60.0
@@ -144,20 +153,11 @@ class JwtVerifier:
                 leeway=self._leeway,
                 options={"require": ["exp"], "verify_aud": self._audience is not None},
             )
-        except jwt.ExpiredSignatureError:
-            raise NotAuthenticated("token has expired", "Authorization") from None
-        except jwt.ImmatureSignatureError:
-            raise NotAuthenticated("token is not valid yet (nbf)", "Authorization") from None
-        except jwt.InvalidSignatureError:
-            raise NotAuthenticated("token signature is invalid", "Authorization") from None
         except jwt.MissingRequiredClaimError as exc:
             raise NotAuthenticated(f"token lacks the {exc.claim!r} claim", "Authorization") from None
-        except jwt.InvalidIssuerError:
-            raise NotAuthenticated("token issuer is not accepted", "Authorization") from None
-        except jwt.InvalidAudienceError:
-            raise NotAuthenticated("token audience is not accepted", "Authorization") from None
         except jwt.InvalidTokenError as exc:
-            raise NotAuthenticated(f"invalid token: {exc}", "Authorization") from None
+            reason = next((text for kind, text in _FAILURES if isinstance(exc, kind)), f"invalid token: {exc}")
+            raise NotAuthenticated(reason, "Authorization") from None
         return self._principal_from(claims)
 
     def _principal_from(self, claims: Mapping[str, Any]) -> Principal:

@@ -1,0 +1,45 @@
+"""Settings: precedence and the one place each default lives (unit tests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from config import ConfigError, Settings, load_settings
+from endpoint_core.table import TablePolicy
+
+
+def test_the_table_policy_defaults_are_the_tables_own() -> None:
+    assert Settings().table_policy() == TablePolicy()
+
+
+def test_precedence_file_then_environment_then_flags(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("queue-max-events: 5\nack_timeout_seconds: 3\nhttp_port: 1\nclient_publish_allow: [a/+]\n")
+    settings = load_settings(
+        {"ENDPOINT_BROKER_CONFIG": str(config), "ENDPOINT_BROKER_ACK_TIMEOUT_SECONDS": "4",
+         "ENDPOINT_BROKER_HTTP_PORT": "2", "ENDPOINT_BROKER_CORS_ALLOW_ORIGINS": "https://a, https://b"},
+        overrides={"http_port": 3, "host": None},
+    )
+    assert (settings.queue_max_events, settings.ack_timeout_seconds, settings.http_port) == (5, 4.0, 3)
+    assert settings.client_publish_allow == ["a/+"]
+    assert settings.cors_allow_origins == ["https://a", "https://b"]
+    assert settings.host == "127.0.0.1"
+    assert settings.table_policy().queue_max_events == 5
+
+
+@pytest.mark.parametrize(("environ", "message"), [
+    ({"ENDPOINT_BROKER_MQTT_PORT": "70000"}, "mqtt_port"),
+    ({"ENDPOINT_BROKER_HTTP_ACCESS_LOG": "maybe"}, "true or false"),
+    ({"ENDPOINT_BROKER_QUEUE_MAX_EVENTS": "0"}, "queue_max_events"),
+    ({"ENDPOINT_BROKER_JWT_PUBLIC_KEY_FILE": "/nonexistent.pem"}, "does not exist"),
+    ({"ENDPOINT_BROKER_REMINDER_RATIO": "1.5"}, "reminder_ratio"),
+])
+def test_malformed_settings_are_refused_with_their_name(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings(environ)
+
+
+def test_the_secret_is_redacted() -> None:
+    assert Settings(jwt_secret="hunter2").redacted()["jwt_secret"] == "***"
