@@ -116,8 +116,9 @@ class EndpointPlugin(BaseAuthPlugin, BaseTopicPlugin):
         Only the endpoint's own topics are granted; wildcards, other endpoints'
         topics and $SYS are refused. QoS 2 is granted as 1: events go out at most at QoS 1.
         """
-        if self.table.subscribe(endpoint, link, topic_filter):
-            return min(qos, 1)
+        granted = self.table.subscribe(endpoint, link, topic_filter, qos)
+        if granted is not None:
+            return granted
         log.info("%s refused subscription to %r", endpoint.id, topic_filter)
         return codec.SUBACK_FAILURE
 

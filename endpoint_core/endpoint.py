@@ -58,9 +58,9 @@ class UserEndpoint:
     version: int = 0
     reminder_sent: bool = False
     link: EndpointLink | None = None
-    # Topics subscribed on the current link, in subscription order. Kept across
-    # links only for clean_session=0 clients (see EndpointTable.connect).
-    subscriptions: list[str] = field(default_factory=list)
+    # Topic -> granted QoS (0 or 1) on the current link, in subscription order.
+    # Kept across links only for clean_session=0 clients (see EndpointTable.connect).
+    subscriptions: dict[str, int] = field(default_factory=dict)
     persistent_session: bool = False
     # Created on the first QoS 1 event: idle endpoints carry no queue.
     outbox: Outbox | None = None

@@ -68,6 +68,8 @@ class Outbox:
         self._unsent.popleft()
         event.sends += 1
         event.sent_at = now
+        if not event.unacked:  # every copy went out at QoS 0: nothing will acknowledge it
+            self._remove(event)
 
     def overdue(self, now: float, timeout: float) -> Iterator[PendingEvent]:
         """Events sent on the current link whose PUBACK is later than `timeout`."""
@@ -99,9 +101,12 @@ class Outbox:
         event.unacked.pop(packet_id, None)
         if event.unacked:
             return False
+        self._remove(event)
+        return True
+
+    def _remove(self, event: PendingEvent) -> None:
         if self._pending.pop(id(event), None) is not None:
             self._bytes -= len(event.payload)
-        return True
 
     def link_lost(self) -> None:
         """The link went away: everything unacknowledged must be sent again on the next one."""

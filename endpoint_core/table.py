@@ -143,7 +143,7 @@ class EndpointTable:
                 endpoint.id, reason, len(endpoint.outbox),
             )
         endpoint.outbox = None
-        endpoint.subscriptions = []
+        endpoint.subscriptions = {}
         link, endpoint.link = endpoint.link, None
         log.info("endpoint %s removed: %s", endpoint.id, reason)
         if link is not None:
@@ -187,7 +187,7 @@ class EndpointTable:
         previous, endpoint.link = endpoint.link, link
         session_present = persistent_session and endpoint.persistent_session and bool(endpoint.subscriptions)
         if not session_present:
-            endpoint.subscriptions = []
+            endpoint.subscriptions = {}
         endpoint.persistent_session = persistent_session
         if endpoint.outbox is not None:
             endpoint.outbox.link_lost()
@@ -201,23 +201,27 @@ class EndpointTable:
             return  # replaced by a newer connection, or already removed
         endpoint.link = None
         if not endpoint.persistent_session:
-            endpoint.subscriptions = []
+            endpoint.subscriptions = {}
         if endpoint.outbox is not None:
             endpoint.outbox.link_lost()
         if clean and endpoint.origin is Origin.MQTT:
             self.remove(endpoint, "disconnected")
 
-    def subscribe(self, endpoint: UserEndpoint, link: EndpointLink, topic_filter: str) -> bool:
-        """Allow a subscription only to the endpoint's own topics."""
+    def subscribe(self, endpoint: UserEndpoint, link: EndpointLink, topic_filter: str, qos: int = 1) -> int | None:
+        """Subscribe to one of the endpoint's own topics; return the granted QoS, None if refused.
+
+        Events go out at QoS 0 or 1, so a request for QoS 2 is granted QoS 1. Subscribing
+        again to the same topic replaces the subscription (and its QoS), as in MQTT.
+        """
         if endpoint.link is not link or topic_filter not in endpoint.topics():
-            return False
-        if topic_filter not in endpoint.subscriptions:
-            endpoint.subscriptions.append(topic_filter)
-        return True
+            return None
+        granted = min(qos, 1)
+        endpoint.subscriptions[topic_filter] = granted
+        return granted
 
     def unsubscribe(self, endpoint: UserEndpoint, link: EndpointLink, topic_filter: str) -> None:
-        if endpoint.link is link and topic_filter in endpoint.subscriptions:
-            endpoint.subscriptions.remove(topic_filter)
+        if endpoint.link is link:
+            endpoint.subscriptions.pop(topic_filter, None)
 
     def flush(self, endpoint: UserEndpoint, link: EndpointLink) -> None:
         """Send queued events once the link can take them (after SUBACK, or CONNACK with a session)."""
@@ -266,16 +270,24 @@ class EndpointTable:
         while (event := outbox.next_unsent()) is not None:
             if not self._send(link, outbox, event, endpoint.subscriptions):
                 break
-            outbox.mark_sent(event, now)
+            outbox.mark_sent(event, now)  # done at once if no subscription awaits a PUBACK
             sent_any = True
         if sent_any:
             self._arm_at(endpoint, now + self.policy.ack_timeout_seconds)
 
     @staticmethod
-    def _send(link: EndpointLink, outbox: Outbox, event: PendingEvent, topics: Iterable[str]) -> bool:
-        """PUBLISH `event` on each subscribed topic form (DUP if it was sent before)."""
+    def _send(link: EndpointLink, outbox: Outbox, event: PendingEvent, subscriptions: dict[str, int]) -> bool:
+        """PUBLISH `event` on each subscribed topic form (DUP if it was sent before).
+
+        MQTT delivers at the lower of the event's QoS and the subscription's: a topic
+        subscribed at QoS 0 gets the event at QoS 0, with no PUBACK to wait for.
+        """
         dup = event.sends > 0
-        for topic in list(topics):
+        for topic, granted in list(subscriptions.items()):
+            if granted == 0:
+                if not link.publish(topic, event.payload, 0, None, False):
+                    return False
+                continue
             packet_id = outbox.allocate_packet_id()
             if not link.publish(topic, event.payload, 1, packet_id, dup):
                 return False

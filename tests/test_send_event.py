@@ -288,3 +288,18 @@ def test_masks_hide_secrets_from_logs_but_not_from_subscribers(service: ServiceP
     assert logged["event"]["guests"] == [{"pin": "*" * len(other_secret)}, {"pin": "*"}]
     assert logged["event"]["note"] == "visible"
     assert (logged["type"], logged["userId"], logged["endpoints"], logged["qos"]) == ("CallCreatedEvent", user, 1, 1)
+
+
+def test_qos1_events_follow_the_subscriptions_granted_qos(service: ServiceProcess, unique: str) -> None:
+    user, endpoint_id = f"u-{unique}", f"e-{unique}"
+    bearer = token(user)
+    with RawMqtt(service.mqtt_port) as client:
+        client.connect(endpoint_id, user, bearer)
+        assert client.subscribe(f"users/endpoints/{endpoint_id}", qos=0) == [0]
+        assert service.send_event(bearer, {"userId": user, "qos": 1, "event": event(n=1)}).json() == 1
+        received = client.next_publish()
+        assert (received.qos, received.packet_id, received.json()["n"]) == (0, None, 1)
+        assert client.subscribe(f"users/endpoints/{endpoint_id}", qos=1) == [1]  # replaces it
+        service.send_event(bearer, {"userId": user, "qos": 1, "event": event(n=2)})
+        received = client.next_publish()
+        assert (received.qos, received.json()["n"]) == (1, 2)

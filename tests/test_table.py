@@ -297,3 +297,18 @@ def test_the_timer_heap_stays_bounded_with_long_keepalives_and_redelivery_timers
         advance(table, clock, 1.1)
         assert len(table._heap) <= 2 * len(table) + 64
     assert all(not e.removed and e.state is EndpointState.HEALTHY for e in endpoints)
+
+
+def test_a_qos0_subscription_gets_qos1_events_at_qos0_and_nothing_waits_for_it(clock: Clock) -> None:
+    table = make_table(clock)
+    endpoint, _ = table.connect("u", "o", "e1", 300, link := FakeLink(), False)
+    assert table.subscribe(endpoint, link, "users/endpoints/e1", 0) == 0
+    assert table.deliver([endpoint], b"event", 1).delivered == 1
+    assert link.sent == [("users/endpoints/e1", b"event", 0, None, False)]
+    assert endpoint.outbox is not None and len(endpoint.outbox) == 0
+    # Subscribing again replaces the subscription and its QoS; both forms then get their own QoS.
+    assert table.subscribe(endpoint, link, "users/endpoints/e1", 2) == 1
+    assert table.subscribe(endpoint, link, "user/u/e1", 0) == 0
+    table.deliver([endpoint], b"next", 1)
+    assert [(topic, qos) for topic, _, qos, _, _ in link.sent[1:]] == [("users/endpoints/e1", 1), ("user/u/e1", 0)]
+    assert len(endpoint.outbox) == 1  # waiting for the one QoS 1 copy
