@@ -75,7 +75,8 @@ class EndpointService:
         reason = command.get("reason")
         if reason is not None and not isinstance(reason, str):
             raise InvalidInput("reason must be a string", "reason")
-        self.table.remove(endpoint, f"unregistered: {reason[:200]}" if reason else "unregistered")
+        # repr: the reason is the caller's text, and it goes into log lines.
+        self.table.remove(endpoint, f"unregistered: {reason[:200]!r}" if reason else "unregistered")
 
     def get(self, principal: Principal, endpoint_id: str) -> UserEndpoint:
         return self._visible(principal, endpoint_id)
@@ -117,13 +118,19 @@ class EndpointService:
             targets = [endpoint]
         else:
             targets = self.table.endpoints_of(organization_id, command.user_id)
-        report = self.table.deliver(targets, orjson.dumps(command.event), command.qos)
+        try:
+            payload = orjson.dumps(command.event)
+        except orjson.JSONEncodeError:
+            # orjson reads JSON nested up to 1024 levels but writes at most 254.
+            raise InvalidInput("event is nested too deeply (at most 254 levels)", "event") from None
+        report = self.table.deliver(targets, payload, command.qos)
         if report.full:
             log.warning(
                 "sendEvent %s: queue full, event not taken by endpoint(s) %s",
                 command.event["type"], ", ".join(report.full),
             )
         if event_log.isEnabledFor(logging.INFO):
+            logged = orjson.dumps(masked(command.event, command.masks)) if command.masks else payload
             event_log.info("sendEvent %s", orjson.dumps({
                 "type": command.event["type"],
                 "organizationId": organization_id,
@@ -131,7 +138,7 @@ class EndpointService:
                 "userEndpointId": command.endpoint_id,
                 "endpoints": report.delivered,
                 "qos": command.qos,
-                "event": masked(command.event, command.masks),
+                "event": orjson.Fragment(logged),  # already JSON: no second encoding, no extra depth
             }).decode())
         if report.full and report.delivered == 0:
             raise Unavailable(

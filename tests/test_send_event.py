@@ -59,6 +59,15 @@ def assert_problem(response: Any, status: int, field: str | None) -> None:
     ({"userId": "u", "event": event(n=5), "masks": ["$.n"]}, "masks[0]"),
     ({"userId": "u", "event": event(inner={"a": "b"}), "masks": ["$.inner"]}, "masks[0]"),
     ({"userId": "u", "event": event(items=["x", 2]), "masks": ["$.items[*]"]}, "masks[0]"),
+    # Functions and the like compute values instead of naming places: masking them would hide nothing.
+    ({"userId": "u", "event": event(password="pw"), "masks": ["$.password.`sub(/zzz/, q)`"]}, "masks[0]"),
+    ({"userId": "u", "event": event(password="pw"), "masks": ["$.password.`split(a, 0, -1)`"]}, "masks[0]"),
+    ({"userId": "u", "event": event(items=["pw"]), "masks": ["$.items.`len`"]}, "masks[0]"),
+    ({"userId": "u", "event": event(inner={"pw": "x"}), "masks": ["$.inner.pw.`parent`"]}, "masks[0]"),
+    ({"userId": "u", "event": event(), "masks": ["$.type"] * 17}, "masks"),
+    ({"userId": "u", "event": event(items=list(range(4000))), "masks": ["$..zz"] * 6}, "masks"),
+    ({"userId": "u", "event": event(timestamp="2011-12-03T10:15:30.\u0661\u0662Z")}, "event.timestamp"),
+    ({"userId": "u", "event": event(timestamp="\u0662011-12-03T10:15:30Z")}, "event.timestamp"),
     ([event()], "body"),
 ])
 def test_invalid_requests_are_400_naming_the_field(service: ServiceProcess, body: Any, field: str) -> None:
@@ -303,3 +312,20 @@ def test_qos1_events_follow_the_subscriptions_granted_qos(service: ServiceProces
         service.send_event(bearer, {"userId": user, "qos": 1, "event": event(n=2)})
         received = client.next_publish()
         assert (received.qos, received.json()["n"]) == (1, 2)
+
+
+def test_an_event_nested_too_deeply_to_send_is_400_not_500(service: ServiceProcess) -> None:
+    nested: dict[str, Any] = {}
+    deepest = nested
+    for _ in range(300):
+        deepest["next"] = {}
+        deepest = deepest["next"]
+    response = service.send_event(token("deep"), {"userId": "nobody", "event": event(nested=nested)})
+    assert_problem(response, 400, "event")
+
+
+def test_a_mask_search_cannot_stall_the_service(service: ServiceProcess) -> None:
+    """The biggest search the mask budget allows still answers quickly, and healthz with it."""
+    body = {"userId": "nobody", "event": event(items=list(range(1200))), "masks": ["$..zz"] * 16}
+    response = service.send_event(token("masker"), body)
+    assert response.status_code == 200, response.text
