@@ -137,6 +137,7 @@ def raise_file_limit() -> None:
 
 
 def serve(settings: Settings) -> int:
+    log.info("settings: %s", settings.redacted())
     raise_file_limit()
     app = build_app(settings)
     server = Server(uvicorn.Config(
@@ -147,6 +148,8 @@ def serve(settings: Settings) -> int:
         log_config=None,
         access_log=settings.http_access_log,
         timeout_graceful_shutdown=5,
+        # A WebSocket message carries MQTT packets: cap it like a TCP packet, not at uvicorn's 16 MiB.
+        ws_max_size=settings.mqtt_max_packet_bytes + 1024,
     ))
     run_event_loop(server.serve())
     return 0 if server.started else 1
@@ -163,12 +166,16 @@ def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
 
 
 def mint(settings: Settings, args: argparse.Namespace) -> int:
+    roles = args.role or ["ROLE_USER"]
+    if not args.org and not set(roles) & set(settings.jwt_service_roles):
+        print("token: --org is required: a user token without an organisation is always refused "
+              "(only SERVICE tokens may omit it)", file=sys.stderr)
+        return 2
     if not settings.jwt_secret:
         print("token: no HS256 secret is configured (ENDPOINT_BROKER_JWT_SECRET or jwt_secret in --config).\n"
               "In dev mode the service makes a new secret at every start and prints a token itself.",
               file=sys.stderr)
         return 2
-    roles = args.role or ["ROLE_USER"]
     print(mint_token(settings.jwt_secret, user_id=args.user, organization_id=args.org, roles=roles,
                      ttl_seconds=args.ttl, claims=claim_names(settings), issuer=settings.jwt_issuer,
                      audience=settings.jwt_audience))

@@ -14,6 +14,7 @@ translate between MQTT and it.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +97,10 @@ class EndpointPlugin(BaseAuthPlugin, BaseTopicPlugin):
             principal = self.service.verifier.verify(password)
         except NotAuthenticated as exc:
             return ConnectVerdict(codec.BAD_USERNAME_OR_PASSWORD, exc.detail)
+        if principal.expires_at <= time.time():
+            # Within the verifier's clock-skew leeway, but the connection would be
+            # closed at `exp` at once: refuse it instead of registering anything.
+            return ConnectVerdict(codec.BAD_USERNAME_OR_PASSWORD, "token has expired")
         try:
             endpoint, session_present = self.service.connect(
                 principal, client_id, keep_alive, link, persistent_session=not clean_session

@@ -59,6 +59,7 @@ class Settings:
     queue_max_events: int = _POLICY.queue_max_events
     queue_max_bytes: int = _POLICY.queue_max_bytes
     ack_timeout_seconds: float = _POLICY.ack_timeout_seconds
+    max_endpoints_per_user: int = _POLICY.max_endpoints_per_user
 
     # HTTP.
     max_body_bytes: int = 64 * 1024
@@ -82,14 +83,26 @@ class Settings:
             port = getattr(self, name)
             if not 0 <= port <= 65535:
                 raise ConfigError(f"{name} must be a port number, got {port}")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ConfigError(f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {self.log_level!r}")
         if self.jwt_algorithms is not None and any(a.lower() == "none" for a in self.jwt_algorithms):
             raise ConfigError("jwt_algorithms must never include 'none'")
-        if self.max_keep_alive_seconds < 1:
-            raise ConfigError("max_keep_alive_seconds must be at least 1")
+        if not 1 <= self.default_mqtt_keep_alive_seconds <= self.max_keep_alive_seconds:
+            raise ConfigError("default_mqtt_keep_alive_seconds must be from 1 to max_keep_alive_seconds")
         if not 0 < self.reminder_ratio < 1:
             raise ConfigError("reminder_ratio must be between 0 and 1")
-        if self.queue_max_events < 1 or self.queue_max_bytes < 1:
-            raise ConfigError("queue_max_events and queue_max_bytes must be positive")
+        # Two topic forms per event, and QoS 1 packet ids are 16 bits: keep them from running out.
+        if not 1 <= self.queue_max_events <= 30_000 or self.queue_max_bytes < 1:
+            raise ConfigError("queue_max_events must be from 1 to 30000, and queue_max_bytes positive")
+        for name in ("ack_timeout_seconds", "connect_timeout_seconds"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+        for name in ("expiry_grace_ratio", "min_expiry_grace_seconds", "jwt_leeway_seconds"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative")
+        for name in ("max_endpoints_per_user", "max_body_bytes", "mqtt_max_packet_bytes", "mqtt_max_buffered_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
         if self.jwt_public_key_file and not Path(self.jwt_public_key_file).is_file():
             raise ConfigError(f"jwt_public_key_file {self.jwt_public_key_file!r} does not exist")
 

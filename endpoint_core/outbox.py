@@ -108,10 +108,16 @@ class Outbox:
         if self._pending.pop(id(event), None) is not None:
             self._bytes -= len(event.payload)
 
-    def link_lost(self) -> None:
-        """The link went away: everything unacknowledged must be sent again on the next one."""
-        self._by_packet.clear()
+    def link_lost(self, keep_packet_ids: bool = False) -> None:
+        """The link went away: everything unacknowledged must be sent again on the next one.
+
+        With `keep_packet_ids` (a clean_session=0 client, MQTT 3.1.1 section 4.4) the
+        next link resends each unacknowledged PUBLISH under its original packet id.
+        """
+        if not keep_packet_ids:
+            self._by_packet.clear()
         for event in self._pending.values():
-            event.unacked.clear()
+            if not keep_packet_ids:
+                event.unacked.clear()
             event.sent_at = None
         self._unsent = deque(self._pending.values())

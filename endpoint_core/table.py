@@ -51,6 +51,8 @@ class TablePolicy:
     queue_max_bytes: int = 1 << 20
     # An unacknowledged QoS 1 PUBLISH is sent again (DUP) after this long.
     ack_timeout_seconds: float = 10.0
+    # Bounds what one user can pin in memory (endpoints x their queues).
+    max_endpoints_per_user: int = 100
 
 
 @dataclass(slots=True)
@@ -190,7 +192,7 @@ class EndpointTable:
             endpoint.subscriptions = {}
         endpoint.persistent_session = persistent_session
         if endpoint.outbox is not None:
-            endpoint.outbox.link_lost()
+            endpoint.outbox.link_lost(keep_packet_ids=session_present)
         if previous is not None and previous is not link:
             previous.close("taken over by a new connection")
         return endpoint, session_present
@@ -203,7 +205,7 @@ class EndpointTable:
         if not endpoint.persistent_session:
             endpoint.subscriptions = {}
         if endpoint.outbox is not None:
-            endpoint.outbox.link_lost()
+            endpoint.outbox.link_lost(keep_packet_ids=endpoint.persistent_session)
         if clean and endpoint.origin is Origin.MQTT:
             self.remove(endpoint, "disconnected")
 
@@ -282,6 +284,10 @@ class EndpointTable:
         MQTT delivers at the lower of the event's QoS and the subscription's: a topic
         subscribed at QoS 0 gets the event at QoS 0, with no PUBACK to wait for.
         """
+        if event.unacked:
+            # Resuming a persistent session: the same PUBLISHes, under their original packet ids.
+            return all(link.publish(topic, event.payload, 1, packet_id, True)
+                       for packet_id, topic in list(event.unacked.items()))
         dup = event.sends > 0
         for topic, granted in list(subscriptions.items()):
             if granted == 0:
@@ -421,10 +427,17 @@ class EndpointTable:
         origin: Origin,
         now: float,
     ) -> UserEndpoint:
+        owner = (organization_id, user_id)
+        siblings = self._by_owner.get(owner)
+        if siblings is not None and len(siblings) >= self.policy.max_endpoints_per_user:
+            raise Conflict(
+                f"the user already has {len(siblings)} endpoints, the most allowed; unregister one first",
+                "userEndpointId",
+            )
         endpoint = UserEndpoint(endpoint_id, user_id, organization_id, keep_alive_seconds, reminder_on,
                                 origin, now)
         self._by_id[endpoint_id] = endpoint
-        self._by_owner.setdefault((organization_id, user_id), {})[endpoint_id] = endpoint
+        self._by_owner.setdefault(owner, {})[endpoint_id] = endpoint
         self._arm(endpoint, now)
         return endpoint
 

@@ -68,7 +68,7 @@ def create_app(
             max_age=600,
         ))
     # Innermost, so that CORS and the 500 handler wrap the command routes too.
-    middleware.append(Middleware(CommandRoutes, service=service, max_body_bytes=max_body_bytes))
+    middleware.append(Middleware(CommandRoutes))
     app = Starlette(
         routes=routes,
         middleware=middleware,

@@ -63,24 +63,22 @@ COMMANDS: dict[str, Command] = {
 }
 
 
-class CommandRoutes:
-    def __init__(self, app: ASGIApp, service: EndpointService, max_body_bytes: int) -> None:
-        self.app = app
-        self.service = service
-        self.max_body_bytes = max_body_bytes
+class CommandEndpoint:
+    """One command as a plain ASGI app. It finds the service and the body limit in the app's state."""
+
+    def __init__(self, command: Command) -> None:
+        self.command = command
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        command = COMMANDS.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
-        if command is None:
-            await self.app(scope, receive, send)
-            return
+        state = scope["app"].state
+        service: EndpointService = state.service
         headers = dict(scope["headers"])
         try:
-            principal = self.service.authenticate_bearer(_text(headers.get(b"authorization")))
-            body = await self._read_body(receive, _text(headers.get(b"content-length")))
+            principal = service.authenticate_bearer(_text(headers.get(b"authorization")))
+            body = await _read_body(receive, _text(headers.get(b"content-length")), state.max_body_bytes)
             if body is None:
                 return  # the client went away
-            status, payload = command(self.service, principal, parse_json(body))
+            status, payload = self.command(service, principal, parse_json(body))
         except DomainError as error:
             status = status_of(error)
             await _respond(send, status, problem_body(status, error.title, error.detail, error.field),
@@ -88,21 +86,43 @@ class CommandRoutes:
             return
         await _respond(send, status, payload, JSON)
 
-    async def _read_body(self, receive: Receive, content_length: str | None) -> bytes | None:
-        check_declared_length(content_length, self.max_body_bytes)
+
+ENDPOINTS = {path: CommandEndpoint(command) for path, command in COMMANDS.items()}
+
+
+class CommandRoutes:
+    """Middleware: a POST to a command path goes straight to its CommandEndpoint.
+
+    The same endpoints are also in Starlette's router (http_bridge.routes), so that
+    405 answers list POST in their Allow header; this only skips the router.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        endpoint = ENDPOINTS.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if endpoint is None:
+            await self.app(scope, receive, send)
+        else:
+            await endpoint(scope, receive, send)
+
+
+async def _read_body(receive: Receive, content_length: str | None, limit: int) -> bytes | None:
+    check_declared_length(content_length, limit)
+    message = await receive()
+    body = message.get("body", b"")
+    check_length(len(body), limit)  # a chunked body declares no length
+    if not message.get("more_body", False):
+        return body if message["type"] == "http.request" else None
+    chunks = bytearray(body)
+    while message.get("more_body", False):
         message = await receive()
-        body = message.get("body", b"")
-        check_length(len(body), self.max_body_bytes)  # a chunked body declares no length
-        if not message.get("more_body", False):
-            return body if message["type"] == "http.request" else None
-        chunks = bytearray(body)
-        while message.get("more_body", False):
-            message = await receive()
-            if message["type"] != "http.request":
-                return None
-            chunks += message.get("body", b"")
-            check_length(len(chunks), self.max_body_bytes)
-        return bytes(chunks)
+        if message["type"] != "http.request":
+            return None
+        chunks += message.get("body", b"")
+        check_length(len(chunks), limit)
+    return bytes(chunks)
 
 
 def _text(value: bytes | None) -> str | None:
@@ -111,9 +131,9 @@ def _text(value: bytes | None) -> str | None:
 
 async def _respond(send: Send, status: int, body: bytes | None, content_type: bytes,
                    extra_headers: dict[str, str] | None = None) -> None:
-    headers = [(b"content-length", str(len(body or b"")).encode())]
-    if body is not None:
-        headers.append((b"content-type", content_type))
+    headers = []
+    if body is not None:  # a 204 carries neither a body nor a Content-Length (RFC 9110, 8.6)
+        headers += [(b"content-length", str(len(body)).encode()), (b"content-type", content_type)]
     for name, value in (extra_headers or {}).items():
         headers.append((name.lower().encode(), value.encode()))
     start: Message = {"type": "http.response.start", "status": status, "headers": headers}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import orjson
 from starlette.exceptions import HTTPException
@@ -54,9 +55,11 @@ def problem_headers(status: int) -> dict[str, str]:
     return {"WWW-Authenticate": 'Bearer error="invalid_token"'} if status == 401 else {}
 
 
-def problem(status: int, title: str, detail: str, field: str | None = None) -> Response:
+def problem(
+    status: int, title: str, detail: str, field: str | None = None, headers: Mapping[str, str] | None = None
+) -> Response:
     return Response(problem_body(status, title, detail, field), status_code=status, media_type=PROBLEM_JSON,
-                    headers=problem_headers(status))
+                    headers={**problem_headers(status), **(headers or {})})
 
 
 async def domain_error(request: Request, exc: Exception) -> Response:
@@ -66,7 +69,9 @@ async def domain_error(request: Request, exc: Exception) -> Response:
 
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    return problem(exc.status_code, exc.detail or "Error", f"{request.method} {request.url.path}: {exc.detail}")
+    # exc.headers carries e.g. the Allow header of a 405.
+    return problem(exc.status_code, exc.detail or "Error", f"{request.method} {request.url.path}: {exc.detail}",
+                   headers=exc.headers)
 
 
 async def unexpected_error(request: Request, exc: Exception) -> Response:

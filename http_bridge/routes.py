@@ -4,13 +4,24 @@ from __future__ import annotations
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import Route, WebSocketRoute, request_response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from http_bridge.commands import PREFIX
+from http_bridge.commands import ENDPOINTS, PREFIX
 from http_bridge.problems import problem
 from http_bridge.requests import principal_of, service_of
 from http_bridge.responses import json_response
 from http_bridge.websocket import mqtt_over_websocket
+
+
+class ByMethod:
+    """One path, one ASGI app per method (the router has already checked the method)."""
+
+    def __init__(self, **apps: ASGIApp) -> None:
+        self.apps = apps
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.apps[scope["method"] if scope["method"] != "HEAD" else "GET"](scope, receive, send)
 
 
 async def list_endpoints(request: Request) -> Response:
@@ -43,8 +54,10 @@ async def healthz(request: Request) -> Response:
 
 
 routes = [
-    # The POST commands are served by http_bridge.commands.CommandRoutes before the router.
-    Route(PREFIX, list_endpoints, methods=["GET"]),
+    # POSTs to the command paths are taken by the CommandRoutes middleware before the
+    # router; listing them here keeps 405 answers (and their Allow header) right.
+    Route(PREFIX, ByMethod(GET=request_response(list_endpoints), POST=ENDPOINTS[PREFIX]), methods=["GET", "POST"]),
+    *(Route(path, endpoint, methods=["POST"]) for path, endpoint in ENDPOINTS.items() if path != PREFIX),
     Route(PREFIX + "/{endpoint_id}", get_endpoint, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
     WebSocketRoute("/ws", mqtt_over_websocket),

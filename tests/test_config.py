@@ -35,11 +35,14 @@ def test_precedence_file_then_environment_then_flags(tmp_path: Path) -> None:
     ({"ENDPOINT_BROKER_QUEUE_MAX_EVENTS": "0"}, "queue_max_events"),
     ({"ENDPOINT_BROKER_JWT_PUBLIC_KEY_FILE": "/nonexistent.pem"}, "does not exist"),
     ({"ENDPOINT_BROKER_REMINDER_RATIO": "1.5"}, "reminder_ratio"),
+    ({"ENDPOINT_BROKER_ACK_TIMEOUT_SECONDS": "0"}, "ack_timeout_seconds"),
+    ({"ENDPOINT_BROKER_QUEUE_MAX_EVENTS": "40000"}, "queue_max_events"),
+    ({"ENDPOINT_BROKER_LOG_LEVEL": "verbose"}, "log_level"),
+    ({"ENDPOINT_BROKER_MAX_ENDPOINTS_PER_USER": "0"}, "max_endpoints_per_user"),
+    ({"ENDPOINT_BROKER_DEFAULT_MQTT_KEEP_ALIVE_SECONDS": "0"}, "default_mqtt_keep_alive_seconds"),
 ])
 def test_malformed_settings_are_refused_with_their_name(environ: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_settings(environ)
 
 
-def test_the_secret_is_redacted() -> None:
-    assert Settings(jwt_secret="hunter2").redacted()["jwt_secret"] == "***"

@@ -7,7 +7,7 @@ import uuid
 import httpx
 import pytest
 
-from tests.support import ServiceProcess, service_token, token
+from tests.support import ServiceProcess, service_token, token, wait_until
 
 BASE = "/rtc-api/users/endpoints"
 
@@ -295,7 +295,28 @@ def test_an_algorithm_outside_the_configured_list_is_refused(service: ServicePro
 
 def test_unknown_routes_and_methods_answer_problems(service: ServiceProcess) -> None:
     assert_problem(httpx.get(service.base_url + "/nowhere"), 404, None)
-    assert_problem(httpx.delete(service.base_url + BASE), 405, None)
+    not_allowed = httpx.delete(service.base_url + BASE)
+    assert_problem(not_allowed, 405, None)
+    assert set(not_allowed.headers["allow"].replace(" ", "").split(",")) >= {"GET", "POST"}
+
+
+def test_204_answers_carry_no_body_headers(service: ServiceProcess, unique: str) -> None:
+    bearer = token(f"u-{unique}")
+    endpoint_id = service.register(bearer)
+    with service.http(bearer) as http:
+        response = http.post(f"{BASE}/keepalive", json={"userEndpointId": endpoint_id})
+    assert response.status_code == 204
+    assert "content-length" not in response.headers and "content-type" not in response.headers
+
+
+def test_the_unregister_reason_cannot_forge_log_lines(service: ServiceProcess, unique: str) -> None:
+    bearer = token(f"u-{unique}")
+    endpoint_id = service.register(bearer)
+    forged = f"logout\n2026-01-01 00:00:00,000 WARNING endpoint_broker.events: FORGED-{unique}"
+    with service.http(bearer) as http:
+        http.post(f"{BASE}/unregister", json={"userEndpointId": endpoint_id, "reason": forged})
+    log = wait_until(lambda: f"FORGED-{unique}" in service.stderr() and service.stderr())
+    assert not any(line.startswith("2026-01-01") for line in log.splitlines())
 
 
 def test_healthz(service: ServiceProcess) -> None:

@@ -198,3 +198,33 @@ def test_the_open_file_limit_is_raised_to_the_hard_limit(make_service: Callable[
     soft, hard_seen = next(line for line in limits.splitlines() if line.startswith("Max open files")).split()[3:5]
     assert int(soft) == int(hard_seen) == hard
     wait_until(lambda: f"open file limit: {hard}" in process.stderr())  # INFO lines are flushed within 0.25 s
+
+
+def test_endpoints_per_user_are_capped(make_service: Callable[..., ServiceProcess]) -> None:
+    process = make_service(env={"ENDPOINT_BROKER_MAX_ENDPOINTS_PER_USER": "2"})
+    bearer = token("greedy")
+    first = process.register(bearer, endpoint_id="g1")
+    process.register(bearer, endpoint_id="g2")
+    with process.http(bearer) as http:
+        refused = http.post(BASE, json={"keepAliveSeconds": 60, "userEndpointId": "g3"})
+        assert refused.status_code == 409 and refused.json()["field"] == "userEndpointId"
+        assert http.post(BASE, json={"keepAliveSeconds": 90, "userEndpointId": first}).status_code == 200
+    with RawMqtt(process.mqtt_port) as client:
+        assert client.connect("g4", "greedy", bearer) == (5, False)
+    with RawMqtt(process.mqtt_port) as client:
+        assert client.connect(first, "greedy", bearer) == (0, False)  # attaching is not registering
+    assert process.register(token("modest"), endpoint_id="m1") == "m1"  # other users are not affected
+
+
+def test_settings_are_logged_without_the_secret(service: ServiceProcess) -> None:
+    log = wait_until(lambda: "settings: " in service.stderr() and service.stderr())
+    assert "'jwt_secret': '***'" in log
+    assert SECRET not in log
+
+
+def test_token_command_needs_an_organisation_for_user_tokens() -> None:
+    refused = run_cli("token", "--user", "u", env={"ENDPOINT_BROKER_JWT_SECRET": SECRET})
+    assert refused.returncode == 2 and "--org" in refused.stderr
+    service = run_cli("token", "--user", "backend", "--role", "ROLE_SERVICE",
+                      env={"ENDPOINT_BROKER_JWT_SECRET": SECRET})
+    assert service.returncode == 0 and service.stdout.count(".") == 2

@@ -60,6 +60,15 @@ def test_connack_4_for_a_missing_bad_or_expired_token(service: ServiceProcess, u
         client.wait_closed(timeout=2)
 
 
+def test_connack_4_for_a_token_past_exp_but_within_the_leeway(service: ServiceProcess, unique: str) -> None:
+    late = token(f"u-{unique}", ttl=-10)  # REST still accepts it (30 s of leeway for clock skew)
+    with service.http(late) as http:
+        assert http.get(BASE).status_code == 200
+    with RawMqtt(service.mqtt_port) as client:
+        assert client.connect(f"e-{unique}", f"u-{unique}", late) == (4, False)
+    assert service.view(token(f"u-{unique}"), f"e-{unique}").status_code == 404  # nothing registered
+
+
 def test_connack_4_when_a_password_comes_without_a_username(service: ServiceProcess) -> None:
     with RawMqtt(service.mqtt_port) as client:
         assert client.connect("ep-no-user", None, token("x")) == (4, False)
@@ -116,6 +125,19 @@ def test_mqtt_over_websocket(service: ServiceProcess, unique: str) -> None:
         assert json.loads(client.next_message().payload)["n"] == 1
         assert connected(service, bearer, f"e-{unique}")
     wait_until(lambda: service.view(bearer, f"e-{unique}").status_code == 404)  # clean DISCONNECT unregisters
+
+
+def test_websocket_messages_are_capped_like_mqtt_packets(service: ServiceProcess) -> None:
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    with connect(f"ws://127.0.0.1:{service.http_port}/ws", subprotocols=["mqtt"], max_size=None) as ws:
+        assert ws.subprotocol == "mqtt"
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.send(b"\x10" + b"x" * (300 * 1024))  # over mqtt_max_packet_bytes (256 KiB), unauthenticated
+            ws.recv(timeout=5)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009  # message too big
+    assert service.health()["status"] == "ok"
 
 
 def test_websocket_refusals_use_the_same_codes(service: ServiceProcess) -> None:
@@ -400,6 +422,23 @@ def test_take_over_with_paho_over_both_transports(service: ServiceProcess, uniqu
             assert service.send_event(bearer, {"userId": user, "event": event(n=3)}).json() == 1
             assert json.loads(second.next_message().payload)["n"] == 3
     wait_until(lambda: service.view(bearer, endpoint_id).status_code == 404)
+
+
+def test_clean_session_false_resends_with_the_original_packet_ids(service: ServiceProcess, unique: str) -> None:
+    user, endpoint_id = f"u-{unique}", f"e-{unique}"
+    bearer = token(user)
+    with RawMqtt(service.mqtt_port) as client:
+        client.connect(endpoint_id, user, bearer, clean_session=False)
+        client.subscribe(f"users/endpoints/{endpoint_id}")
+        service.send_event(bearer, {"userId": user, "qos": 1, "event": event(n=1)})
+        first = client.next_publish()  # and no PUBACK
+    wait_until(lambda: not connected(service, bearer, endpoint_id))
+    with RawMqtt(service.mqtt_port) as client:
+        assert client.connect(endpoint_id, user, bearer, clean_session=False) == (0, True)
+        again = client.next_publish()
+        assert (again.packet_id, again.dup, again.json()) == (first.packet_id, True, first.json())
+        client.puback(again.packet_id)  # type: ignore[arg-type]
+        client.disconnect()
 
 
 def test_clean_session_false_keeps_subscriptions_and_delivers_on_reconnect(
