@@ -438,6 +438,12 @@ def test_clean_session_false_resends_with_the_original_packet_ids(service: Servi
         again = client.next_publish()
         assert (again.packet_id, again.dup, again.json()) == (first.packet_id, True, first.json())
         client.puback(again.packet_id)  # type: ignore[arg-type]
+        client.ping()
+        client.read_packet()  # the PUBACK has been handled
+    wait_until(lambda: not connected(service, bearer, endpoint_id))
+    with RawMqtt(service.mqtt_port) as client:  # acknowledged under its original id: never sent again
+        assert client.connect(endpoint_id, user, bearer, clean_session=False) == (0, True)
+        assert client.publishes(timeout=0.5) == []
         client.disconnect()
 
 
