@@ -70,7 +70,6 @@ class MqttConnection:
         "_host",
         "_sink",
         "_timer",
-        "client_id",
         "endpoint",
         "peer",
         "phase",
@@ -84,13 +83,17 @@ class MqttConnection:
         self._clean_disconnect = False
         self.peer = peer
         self.phase = Phase.AWAITING_CONNECT
-        self.client_id: str | None = None
         self.endpoint: UserEndpoint | None = None
         self.principal: Principal | None = None
         # Before CONNECT: the connect timeout. After: the token's expiry.
         self._timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
             host.connect_timeout_seconds, self.close, "no CONNECT in time"
         )
+
+    @property
+    def client_id(self) -> str | None:
+        """The MQTT client id: the endpoint's id, once CONNECT was accepted."""
+        return None if self.endpoint is None else self.endpoint.id
 
     @property
     def closed(self) -> bool:
@@ -210,7 +213,6 @@ class MqttConnection:
             self._refuse(verdict.code, verdict.reason, client_id)
             return
         assert verdict.endpoint is not None and verdict.principal is not None
-        self.client_id = client_id
         self.endpoint = verdict.endpoint
         self.principal = verdict.principal
         self.phase = Phase.CONNECTED

@@ -14,7 +14,6 @@ translate between MQTT and it.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,14 +96,12 @@ class EndpointPlugin(BaseAuthPlugin, BaseTopicPlugin):
             principal = self.service.verifier.verify(password)
         except NotAuthenticated as exc:
             return ConnectVerdict(codec.BAD_USERNAME_OR_PASSWORD, exc.detail)
-        if principal.expires_at <= time.time():
-            # Within the verifier's clock-skew leeway, but the connection would be
-            # closed at `exp` at once: refuse it instead of registering anything.
-            return ConnectVerdict(codec.BAD_USERNAME_OR_PASSWORD, "token has expired")
         try:
             endpoint, session_present = self.service.connect(
                 principal, client_id, keep_alive, link, persistent_session=not clean_session
             )
+        except NotAuthenticated as exc:
+            return ConnectVerdict(codec.BAD_USERNAME_OR_PASSWORD, exc.detail)
         except (Conflict, Forbidden) as exc:
             return ConnectVerdict(codec.NOT_AUTHORIZED, exc.detail)
         except DomainError as exc:
@@ -146,14 +143,7 @@ class EndpointPlugin(BaseAuthPlugin, BaseTopicPlugin):
         if not any(topic_matches(f, topic) for f in self.publish_allow):
             log.warning("%s may not publish to %r; message dropped", endpoint.id, topic)
             return False
-        target = self._endpoint_of_topic(topic)
-        if (
-            target is not None
-            and target.organization_id == endpoint.organization_id
-            and target.link is not None
-            and topic in target.subscriptions
-        ):
-            target.link.publish(topic, payload, 0, None, False)
+        self.service.relay(endpoint, topic, payload)
         return True
 
     def on_puback(self, link: EndpointLink, endpoint: UserEndpoint, packet_id: int) -> None:
@@ -164,15 +154,6 @@ class EndpointPlugin(BaseAuthPlugin, BaseTopicPlugin):
         """`link` ended, exactly once. May: detach it, and unregister an MQTT-made endpoint
         after a clean DISCONNECT. Must not: affect a newer link of the same endpoint."""
         self.table.disconnect(endpoint, link, clean)
-
-    def _endpoint_of_topic(self, topic: str) -> UserEndpoint | None:
-        levels = topic.split("/")
-        if len(levels) == 3 and levels[:2] == ["users", "endpoints"]:
-            return self.table.get(levels[2])
-        if len(levels) == 3 and levels[0] == "user":
-            found = self.table.get(levels[2])
-            return found if found is not None and found.user_id == levels[1] else None
-        return None
 
     # ------------------------------------------- amqtt's own plugin hooks
 
@@ -195,4 +176,4 @@ class EndpointPlugin(BaseAuthPlugin, BaseTopicPlugin):
             return False
         if action == Action.PUBLISH:
             return any(topic_matches(f, topic) for f in self.publish_allow)
-        return topic in endpoint.topics()
+        return endpoint.owns_topic(topic)

@@ -45,6 +45,16 @@ def endpoint_topics(endpoint_id: str, user_id: str) -> tuple[str, str]:
     return f"users/endpoints/{endpoint_id}", f"user/{user_id}/{endpoint_id}"
 
 
+def endpoint_id_of_topic(topic: str) -> tuple[str, str | None] | None:
+    """(endpoint id, user id or None) of a topic in one of the two forms above, else None."""
+    levels = topic.split("/")
+    if len(levels) == 3 and levels[0] == "users" and levels[1] == "endpoints":
+        return levels[2], None
+    if len(levels) == 3 and levels[0] == "user":
+        return levels[2], levels[1]
+    return None
+
+
 @dataclass(slots=True, eq=False)
 class UserEndpoint:
     id: str
@@ -73,8 +83,9 @@ class UserEndpoint:
     def connected(self) -> bool:
         return self.link is not None
 
-    def topics(self) -> tuple[str, str]:
-        return endpoint_topics(self.id, self.user_id)
+    def owns_topic(self, topic: str) -> bool:
+        """Whether `topic` is one of this endpoint's own topics (the only ones it may subscribe to)."""
+        return topic in endpoint_topics(self.id, self.user_id)
 
     def view(self) -> dict[str, Any]:
         """The spec's UserEndpointView, plus two read-only extras operators asked for."""

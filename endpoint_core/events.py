@@ -22,7 +22,7 @@ from jsonpath_ng.ext.parser import parse as parse_jsonpath
 from jsonpath_ng.jsonpath import Child, Descendants, Fields, Index, Root, Slice, This, Wildcard
 
 from endpoint_core.errors import InvalidInput
-from endpoint_core.ids import endpoint_id_problem
+from endpoint_core.ids import require_endpoint_id
 
 # A capital first letter, at least two CamelCase words (a noun and a verb), then
 # `Event`: CallCreatedEvent, ConferenceStreamPublishedEvent. Acronyms are
@@ -49,10 +49,8 @@ class SendEventCommand:
     masks: tuple[Any, ...]  # (concrete path, length) of each masked string in `event`
 
 
-def parse_send_event(body: object) -> SendEventCommand:
+def parse_send_event(body: Mapping[str, Any]) -> SendEventCommand:
     """Validate a SendEventToUserWebCommand. Raises InvalidInput naming the field."""
-    if not isinstance(body, Mapping):
-        raise InvalidInput("the request body must be a JSON object", "body")
     event = body.get("event")
     if not isinstance(event, dict):
         raise InvalidInput("event must be a JSON object", "event")
@@ -62,9 +60,7 @@ def parse_send_event(body: object) -> SendEventCommand:
         raise InvalidInput("userId is required and must be a non-empty string", "userId")
     endpoint_id = body.get("userEndpointId")
     if endpoint_id is not None:
-        problem = endpoint_id_problem(endpoint_id)
-        if problem is not None:
-            raise InvalidInput(f"userEndpointId {problem}", "userEndpointId")
+        endpoint_id = require_endpoint_id(endpoint_id)
     organization_id = body.get("organizationId")
     if organization_id is not None and (not isinstance(organization_id, str) or not organization_id):
         raise InvalidInput("organizationId must be a non-empty string", "organizationId")

@@ -43,10 +43,6 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._pending)
 
-    @property
-    def byte_size(self) -> int:
-        return self._bytes
-
     def offer(self, payload: bytes) -> PendingEvent | None:
         """Queue an event, or return None when the queue is full."""
         size = len(payload)
@@ -70,6 +66,11 @@ class Outbox:
         event.sent_at = now
         if not event.unacked:  # every copy went out at QoS 0: nothing will acknowledge it
             self._remove(event)
+
+    def mark_resent(self, event: PendingEvent, now: float) -> None:
+        """`event`'s unacknowledged PUBLISHes have just been sent again (DUP)."""
+        event.sends += 1
+        event.sent_at = now
 
     def overdue(self, now: float, timeout: float) -> Iterator[PendingEvent]:
         """Events sent on the current link whose PUBACK is later than `timeout`."""

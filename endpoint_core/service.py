@@ -11,12 +11,13 @@ Access rules, in one place:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import orjson
 
-from endpoint_core.endpoint import EndpointLink, UserEndpoint
+from endpoint_core.endpoint import EndpointLink, UserEndpoint, endpoint_id_of_topic
 from endpoint_core.errors import Forbidden, InvalidInput, NotAuthenticated, NotFound, Unavailable
 from endpoint_core.events import masked, parse_send_event
 from endpoint_core.ids import require_endpoint_id
@@ -55,11 +56,8 @@ class EndpointService:
             reminder = False
         if not isinstance(reminder, bool):
             raise InvalidInput("serverKeepAliveReminderOn must be a boolean", "serverKeepAliveReminderOn")
-        endpoint_id = command.get("userEndpointId")
-        if endpoint_id is not None:
-            endpoint_id = require_endpoint_id(endpoint_id)
         endpoint, created = self.table.register(
-            principal.user_id, principal.organization_id, endpoint_id, keep_alive, reminder
+            principal.user_id, principal.organization_id, command.get("userEndpointId"), keep_alive, reminder
         )
         log.info("endpoint %s %s by user %s", endpoint.id, "registered" if created else "re-registered",
                  principal.user_id)
@@ -103,7 +101,7 @@ class EndpointService:
 
     def send_event(self, principal: Principal, body: object) -> int:
         """Deliver an event to one or all endpoints of a user. Returns how many took it."""
-        command = parse_send_event(body)
+        command = parse_send_event(_object(body))
         organization_id = self._target_organization(principal, command.organization_id)
         if command.endpoint_id is not None:
             endpoint = self.table.get(command.endpoint_id)
@@ -156,10 +154,30 @@ class EndpointService:
         link: EndpointLink,
         persistent_session: bool,
     ) -> tuple[UserEndpoint, bool]:
+        """Attach an MQTT connection. It lives only until the token's `exp`, so a token
+        already past it (accepted by the verifier's clock-skew leeway) is refused."""
+        if principal.expires_at <= time.time():
+            raise NotAuthenticated("token has expired", "Authorization")
         return self.table.connect(
             principal.user_id, principal.organization_id, endpoint_id, mqtt_keep_alive, link,
             persistent_session,
         )
+
+    def relay(self, publisher: UserEndpoint, topic: str, payload: bytes) -> bool:
+        """An allowed client PUBLISH: best effort to the endpoint whose topic it is, in the
+        publisher's own organisation only. Returns whether it was written."""
+        found = endpoint_id_of_topic(topic)
+        if found is None:
+            return False
+        endpoint_id, user_id = found
+        target = self.table.get(endpoint_id)
+        if (
+            target is None
+            or target.organization_id != publisher.organization_id
+            or user_id not in (None, target.user_id)
+        ):
+            return False
+        return self.table.publish_on(target, topic, payload)
 
     # --------------------------------------------------------- helpers
 

@@ -215,7 +215,7 @@ class EndpointTable:
         Events go out at QoS 0 or 1, so a request for QoS 2 is granted QoS 1. Subscribing
         again to the same topic replaces the subscription (and its QoS), as in MQTT.
         """
-        if endpoint.link is not link or topic_filter not in endpoint.topics():
+        if endpoint.link is not link or not endpoint.owns_topic(topic_filter):
             return None
         granted = min(qos, 1)
         endpoint.subscriptions[topic_filter] = granted
@@ -255,6 +255,11 @@ class EndpointTable:
                 report.delivered += 1
         return report
 
+    def publish_on(self, endpoint: UserEndpoint, topic: str, payload: bytes) -> bool:
+        """Best effort on one topic, if the endpoint's live link subscribed to it."""
+        link = endpoint.link
+        return link is not None and topic in endpoint.subscriptions and link.publish(topic, payload, 0, None, False)
+
     def _publish_once(self, endpoint: UserEndpoint, payload: bytes) -> bool:
         link = endpoint.link
         if link is None or not endpoint.subscriptions:
@@ -285,7 +290,8 @@ class EndpointTable:
         subscribed at QoS 0 gets the event at QoS 0, with no PUBACK to wait for.
         """
         if event.unacked:
-            # Resuming a persistent session: the same PUBLISHes, under their original packet ids.
+            # Sent before and not all acknowledged (a timeout, or a resumed persistent
+            # session): the same PUBLISHes again, under their original packet ids.
             return all(link.publish(topic, event.payload, 1, packet_id, True)
                        for packet_id, topic in list(event.unacked.items()))
         dup = event.sends > 0
@@ -306,14 +312,9 @@ class EndpointTable:
             return
         for event in outbox.overdue(now, self.policy.ack_timeout_seconds):
             # Same packet ids, DUP set: the client may have missed them or their PUBACKs.
-            topics = dict(event.unacked)
-            event.unacked.clear()
-            for packet_id, topic in topics.items():
-                if not link.publish(topic, event.payload, 1, packet_id, True):
-                    return
-                event.unacked[packet_id] = topic
-            event.sends += 1
-            event.sent_at = now
+            if not self._send(link, outbox, event, endpoint.subscriptions):
+                return
+            outbox.mark_resent(event, now)
 
     # ---------------------------------------------------------------- expiry
 
@@ -341,7 +342,7 @@ class EndpointTable:
             heapq.heappop(heap)
         return heap[0][0] if heap else None
 
-    def deadline_of(self, endpoint: UserEndpoint) -> float:
+    def _deadline(self, endpoint: UserEndpoint) -> float:
         """When the endpoint turns SICK without a keepalive (table clock)."""
         return endpoint.last_keepalive + endpoint.keep_alive_seconds
 
@@ -353,7 +354,7 @@ class EndpointTable:
         return endpoint.last_keepalive + endpoint.keep_alive_seconds * self.policy.reminder_ratio
 
     def _on_timer(self, endpoint: UserEndpoint, now: float) -> None:
-        deadline = self.deadline_of(endpoint)
+        deadline = self._deadline(endpoint)
         if now >= deadline + self._grace(endpoint):
             self.remove(endpoint, "expired")
             return
@@ -380,7 +381,7 @@ class EndpointTable:
         self._publish_once(endpoint, payload)
 
     def _next_event_at(self, endpoint: UserEndpoint, now: float) -> float:
-        deadline = self.deadline_of(endpoint)
+        deadline = self._deadline(endpoint)
         when = deadline + self._grace(endpoint) if now >= deadline else deadline
         if endpoint.server_keep_alive_reminder_on and not endpoint.reminder_sent:
             reminder = self._reminder_at(endpoint)
