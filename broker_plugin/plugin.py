@@ -27,6 +27,7 @@ from endpoint_core.errors import Conflict, DomainError, Forbidden, NotAuthentica
 from endpoint_core.ids import endpoint_id_problem
 from endpoint_core.principals import Principal
 from endpoint_core.service import EndpointService
+from endpoint_core.topics import topic_matches
 
 log = logging.getLogger("endpoint_broker.mqtt")
 
@@ -38,19 +39,6 @@ class ConnectVerdict:
     endpoint: UserEndpoint | None = None
     principal: Principal | None = None
     session_present: bool = False
-
-
-def topic_matches(topic_filter: str, topic: str) -> bool:
-    """MQTT topic filter matching, for the client publish allow-list."""
-    filter_levels, topic_levels = topic_filter.split("/"), topic.split("/")
-    if topic.startswith("$") and filter_levels[0] in ("+", "#"):
-        return False
-    for index, level in enumerate(filter_levels):
-        if level == "#":
-            return True
-        if index >= len(topic_levels) or level not in ("+", topic_levels[index]):
-            return False
-    return len(filter_levels) == len(topic_levels)
 
 
 class EndpointPlugin(BaseAuthPlugin, BaseTopicPlugin):
