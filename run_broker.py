@@ -72,10 +72,8 @@ def build_app(settings: Settings) -> Starlette:
     mqtt = MqttRuntime(service, MqttSettings(
         host=settings.host,
         port=settings.mqtt_port,
-        websocket_bind=f"{settings.host}:{settings.http_port}",
-        connect_timeout_seconds=settings.connect_timeout_seconds,
-        max_packet_bytes=settings.mqtt_max_packet_bytes,
-        max_buffered_bytes=settings.mqtt_max_buffered_bytes,
+        limits=settings.connection_limits(),
+        max_pending_connects=settings.mqtt_max_pending_connects,
         client_publish_allow=tuple(settings.client_publish_allow),
     ))
 
@@ -150,6 +148,9 @@ def serve(settings: Settings) -> int:
         timeout_graceful_shutdown=5,
         # A WebSocket message carries MQTT packets: cap it like a TCP packet, not at uvicorn's 16 MiB.
         ws_max_size=settings.mqtt_max_packet_bytes + 1024,
+        # No WebSocket pings: MQTT has its own keep-alive, and some MQTT clients (paho) answer
+        # a ping with an unmasked frame, which the server must then treat as a protocol error.
+        ws_ping_interval=None,
     ))
     run_event_loop(server.serve())
     return 0 if server.started else 1

@@ -1,13 +1,11 @@
-"""EndpointBroker: amqtt's Broker with its connection path replaced.
+"""EndpointBroker: amqtt's Broker as the home of EndpointPlugin, with our own listeners.
 
-amqtt 0.12.1's own path (see ../shared/spec/AMQTT-0.12.1-NOTES.md) deletes an
-existing session before authenticating, can only answer CONNACK 0 or 5, leaves
-failed CONNECTs in its session table, leaves taken-over sockets open, does not
-enforce keep-alive, drops unacknowledged QoS 1 after 5 s, and spends several
-tasks and linear scans per packet. Here every connection is an `MqttConnection`
-that authenticates before touching any state and calls EndpointPlugin in packet
-order. amqtt still provides the listeners' lifecycle, the external (WebSocket)
-listener API, the packet decoders, the plugin loading and the session table.
+This is the one module that touches amqtt's Broker. amqtt loads the plugin and runs
+the broker's start and shutdown events; it opens no listener of its own (its one
+required listener has no `bind`), builds no sessions and relays no messages. Every
+MQTT connection, over TCP, TLS or WebSocket, is an MqttLink over the sans-IO
+MqttConnection: see docs/amqtt.md for what amqtt's own connection path would get
+wrong, and why none of it is used.
 """
 
 from __future__ import annotations
@@ -16,147 +14,126 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from typing import Any, cast
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.broker import Broker
-from amqtt.contexts import ListenerType
+from cachetools import TTLCache
 
-from broker_plugin.connection import MqttConnection, Phase
+from broker_plugin.connection import ConnectionLimits
+from broker_plugin.link import MqttLink, Transport
 from broker_plugin.plugin import EndpointPlugin
-from broker_plugin.session import EndpointSession
-from broker_plugin.websocket import AdapterSink, ChannelReader
+from broker_plugin.tcp import TcpMqttProtocol
+from endpoint_core.clock import Clock, monotonic
+from endpoint_core.endpoint import DisconnectReason
+from endpoint_core.logtext import loggable
+from endpoint_core.table import EndpointTable
 
 log = logging.getLogger("endpoint_broker.mqtt")
 
+# Refused connections logged per peer address per minute: a client retrying in a loop
+# (or a scan) writes a few lines, not a flood.
+REFUSALS_LOGGED_PER_PEER = 20
+_REFUSAL_WINDOW_SECONDS = 60.0
 
-class TcpMqttProtocol(asyncio.Protocol):
-    """Feeds a TCP connection's bytes to an MqttConnection and is its Sink."""
 
-    __slots__ = ("_broker", "_connection", "_transport")
+@dataclass(frozen=True, slots=True)
+class Listener:
+    host: str
+    port: int
+    ssl_context: ssl.SSLContext | None = None
 
-    def __init__(self, broker: EndpointBroker) -> None:
-        self._broker = broker
-        self._transport: asyncio.Transport | None = None
-        self._connection: MqttConnection | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not registered as asyncio.Transport subclasses.
-        self._transport = cast(asyncio.Transport, transport)
-        peer = transport.get_extra_info("peername")
-        name = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        self._connection = MqttConnection(self._broker, self, name)
-        self._broker.connections.add(self._connection)
-
-    def data_received(self, data: bytes) -> None:
-        assert self._connection is not None
-        self._connection.feed(data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._connection is not None:
-            self._connection.connection_lost()
-            self._broker.connections.discard(self._connection)
-
-    # Sink
-    def write(self, data: bytes) -> None:
-        assert self._transport is not None
-        self._transport.write(data)
-
-    def buffered(self) -> int:
-        assert self._transport is not None
-        return self._transport.get_write_buffer_size()
-
-    def close(self) -> None:
-        assert self._transport is not None
-        self._transport.close()
+    @property
+    def transport_name(self) -> str:
+        return "tcp" if self.ssl_context is None else "tls"
 
 
 class EndpointBroker(Broker):
     def __init__(
         self,
         config: dict[str, Any],
-        *,
-        connect_timeout_seconds: float = 10.0,
-        max_packet_bytes: int = 256 * 1024,
-        max_buffered_bytes: int = 4 * 1024 * 1024,
+        listeners: Sequence[Listener],
+        limits: ConnectionLimits,
+        max_pending_connects: int,
+        clock: Clock = monotonic,
     ) -> None:
         super().__init__(config)
         plugins = [p for p in self.plugins_manager.plugins if isinstance(p, EndpointPlugin)]
         if len(plugins) != 1:
             raise ValueError("EndpointBroker needs exactly one EndpointPlugin in its plugins")
         self.plugin: EndpointPlugin = plugins[0]
-        self.connect_timeout_seconds = connect_timeout_seconds
-        self.max_packet_bytes = max_packet_bytes
-        self.max_buffered_bytes = max_buffered_bytes
-        # Every open connection, including those still waiting for CONNECT.
-        self.connections: set[MqttConnection] = set()
-
-    # ------------------------------------------------- ConnectionHost
-
-    def session_opened(self, connection: MqttConnection) -> None:
-        assert connection.client_id is not None
-        session = EndpointSession(
-            connection.client_id,
-            None if connection.principal is None else connection.principal.user_id,
-            clean_session=not (connection.endpoint and connection.endpoint.persistent_session),
-            keep_alive=0 if connection.endpoint is None else connection.endpoint.keep_alive_seconds,
-            peer=connection.peer,
+        self.table: EndpointTable = self.plugin.table
+        self.limits = limits
+        self.clock = clock
+        self._listeners = tuple(listeners)
+        self._tcp_servers: list[asyncio.AbstractServer] = []
+        self._max_pending = max_pending_connects
+        self.pending_connects = 0
+        # Every open link, including those still waiting for CONNECT.
+        self.links: set[MqttLink] = set()
+        # address -> [refusals in the window]; mutated in place, so the window is fixed, not sliding.
+        self._refusals_by_peer: TTLCache[str, list[int]] = TTLCache(
+            maxsize=10_000, ttl=_REFUSAL_WINDOW_SECONDS, timer=time.monotonic
         )
-        self._sessions[connection.client_id] = (session, connection)
 
-    def session_closed(self, connection: MqttConnection) -> None:
-        if connection.client_id is None:
-            return
-        entry = self._sessions.get(connection.client_id)
-        if entry is not None and entry[1] is connection:
-            del self._sessions[connection.client_id]
-
-    # ------------------------------------------------ amqtt overrides
-
-    async def _create_server_instance(
-        self,
-        listener_name: str,
-        listener_type: ListenerType,
-        address: str | None,
-        port: int,
-        ssl_context: ssl.SSLContext | None,
-    ) -> Any:
-        if listener_type != ListenerType.TCP:
-            return await super()._create_server_instance(listener_name, listener_type, address, port, ssl_context)
-        host = address.strip("[]") if address else None
+    async def start(self) -> None:
+        await super().start()
         loop = asyncio.get_running_loop()
-        return await loop.create_server(
-            lambda: TcpMqttProtocol(self), host, port, reuse_address=True, ssl=ssl_context
-        )
-
-    async def _client_connected(self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter) -> None:
-        """amqtt's entry for WebSocket connections: pump the channel into an MqttConnection."""
-        if not isinstance(reader, ChannelReader):
-            log.error("listener %r is not served: only TCP and the HTTP bridge's /ws are", listener_name)
-            await writer.close()
-            return
-        peer = writer.get_peer_info()
-        sink = AdapterSink(writer)
-        connection = MqttConnection(self, sink, f"{peer[0]}:{peer[1]}" if peer else "websocket")
-        self.connections.add(connection)
-        try:
-            while connection.phase is not Phase.CLOSED:
-                data = await reader.read_chunk()
-                if not data:
-                    break
-                connection.feed(data)
-        finally:
-            connection.connection_lost()
-            self.connections.discard(connection)
-            sink.close()
-            await sink.closed()
-
-    async def _session_monitor(self) -> None:
-        """Not needed: a session-table entry leaves with its connection."""
+        for listener in self._listeners:
+            name = listener.transport_name
+            server = await loop.create_server(
+                lambda name=name: TcpMqttProtocol(self, name),
+                listener.host, listener.port, reuse_address=True, ssl=listener.ssl_context,
+            )
+            self._tcp_servers.append(server)
 
     async def shutdown(self) -> None:
-        for connection in list(self.connections):
-            connection.close("broker shutting down")
+        for server in self._tcp_servers:
+            server.close()
+        for link in list(self.links):
+            link.close(DisconnectReason.SHUTDOWN)
         await super().shutdown()
         with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # let the closed transports call connection_lost
+
+    # ------------------------------------------------------------ links
+
+    def open_link(self, transport: Transport, peer: str, transport_name: str) -> MqttLink | None:
+        """A new connection's link, or None when too many connections await their CONNECT."""
+        if self.pending_connects >= self._max_pending:
+            self._log_for_peer(peer, f"refused a connection from {peer}: {self.pending_connects} connections "
+                                     "already await their CONNECT (mqtt_max_pending_connects)")
+            return None
+        self.pending_connects += 1
+        link = MqttLink(self, transport, peer, transport_name)
+        self.links.add(link)
+        return link
+
+    # LinkHost
+    def call_later(self, delay: float, callback: Callable[[], None]) -> asyncio.TimerHandle:
+        return asyncio.get_running_loop().call_later(delay, callback)
+
+    def connect_settled(self, link: MqttLink) -> None:
+        self.pending_connects -= 1
+
+    def link_ended(self, link: MqttLink) -> None:
+        self.links.discard(link)
+
+    def log_refused_connect(self, link: MqttLink, client_id: str, code: int, reason: str) -> None:
+        what = f"CONNACK {code}" if code >= 0 else "closed"
+        self._log_for_peer(link.peer, f"refused CONNECT of {loggable(client_id)} from {link.peer}: {what} "
+                                      f"({loggable(reason, 200)})")
+
+    def _log_for_peer(self, peer: str, line: str) -> None:
+        address = peer.rpartition(":")[0] or peer
+        counter = self._refusals_by_peer.get(address)
+        if counter is None:
+            counter = self._refusals_by_peer[address] = [0]
+        counter[0] += 1
+        count = counter[0]
+        if count <= REFUSALS_LOGGED_PER_PEER:
+            suffix = "; further refusals from this address are not logged for a minute" \
+                if count == REFUSALS_LOGGED_PER_PEER else ""
+            log.info("%s%s", line, suffix)

@@ -1,25 +1,25 @@
-"""EndpointPlugin: the amqtt plugin that makes the broker speak the endpoint model.
+"""EndpointPlugin: the amqtt plugin that decides what MQTT clients may do, over the domain core.
 
-amqtt loads it from the broker config like any plugin. Its endpoint callbacks are
-called by EndpointBroker's connections synchronously and in packet order,
-because amqtt's own event callbacks run later, as unordered tasks (a disconnect
-callback can overtake its connect callback), and cost a task per packet. Each
-callback has a contract saying what it may change, in the style of Mosquitto's
-plugin events.
+amqtt loads it from the broker config like any plugin. Its three callbacks are the
+decisions a connection cannot make by itself, in the style of Mosquitto's plugin
+events: may this CONNECT register or attach (and with which CONNACK code), may this
+filter be subscribed, may this PUBLISH be relayed. Each has a contract saying what it
+may change. MqttLink calls them synchronously and in packet order (amqtt's own event
+callbacks run later, as unordered tasks). A callback receives the link only to pass
+it to the table, which compares identities; it never keeps it.
 
 Every rule itself lives in the domain core (endpoint_core); these callbacks only
-translate between MQTT and it.
+translate between MQTT and it. The mechanics that need no decision (a keepalive per
+packet, a PUBACK, an UNSUBSCRIBE, a detach) go from the link to the table directly.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from amqtt.contexts import Action
-from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
-from amqtt.session import Session
+from amqtt.broker import BrokerContext
+from amqtt.plugins.base import BasePlugin
 
 from broker_plugin import codec
 from endpoint_core.endpoint import EndpointLink, UserEndpoint
@@ -28,8 +28,6 @@ from endpoint_core.ids import endpoint_id_problem
 from endpoint_core.principals import Principal
 from endpoint_core.service import EndpointService
 from endpoint_core.topics import topic_matches
-
-log = logging.getLogger("endpoint_broker.mqtt")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +39,7 @@ class ConnectVerdict:
     session_present: bool = False
 
 
-class EndpointPlugin(BaseAuthPlugin, BaseTopicPlugin):
+class EndpointPlugin(BasePlugin[BrokerContext]):
     @dataclass
     class Config:
         # The EndpointService shared with the HTTP bridge: one table, one verifier.
@@ -49,7 +47,7 @@ class EndpointPlugin(BaseAuthPlugin, BaseTopicPlugin):
         # Topic filters clients may PUBLISH to. Empty: client PUBLISH is refused.
         client_publish_allow: list[str] = field(default_factory=list)
 
-    def __init__(self, context: Any) -> None:
+    def __init__(self, context: BrokerContext) -> None:
         super().__init__(context)
         if not isinstance(self.config.service, EndpointService):
             raise TypeError("EndpointPlugin needs the EndpointService in its 'service' option")
@@ -73,7 +71,9 @@ class EndpointPlugin(BaseAuthPlugin, BaseTopicPlugin):
 
         May: register a new endpoint or attach `link` to the caller's existing one
         (closing the link it replaces). Must not: touch any other endpoint. On
-        refusal nothing has changed, and nothing is left in the broker.
+        refusal nothing has changed, and nothing is left in the broker. Codes:
+        2 for a client id that is not an endpoint id, 4 for missing or bad
+        credentials, 5 for an id that is not the caller's to use.
         """
         problem = endpoint_id_problem(client_id) if client_id else "must not be empty"
         if problem is not None:
@@ -96,10 +96,6 @@ class EndpointPlugin(BaseAuthPlugin, BaseTopicPlugin):
             return ConnectVerdict(codec.IDENTIFIER_REJECTED, exc.detail)
         return ConnectVerdict(codec.ACCEPTED, "", endpoint, principal, session_present)
 
-    def on_packet(self, link: EndpointLink, endpoint: UserEndpoint) -> None:
-        """Any packet from an attached client. May: count a keepalive for its endpoint."""
-        self.table.touch(endpoint, link)
-
     def on_subscribe(self, link: EndpointLink, endpoint: UserEndpoint, topic_filter: str, qos: int) -> int:
         """Return the granted QoS or 0x80. May: add the filter to the endpoint's subscriptions.
 
@@ -107,18 +103,7 @@ class EndpointPlugin(BaseAuthPlugin, BaseTopicPlugin):
         topics and $SYS are refused. QoS 2 is granted as 1: events go out at most at QoS 1.
         """
         granted = self.table.subscribe(endpoint, link, topic_filter, qos)
-        if granted is not None:
-            return granted
-        log.info("%s refused subscription to %r", endpoint.id, topic_filter)
-        return codec.SUBACK_FAILURE
-
-    def on_subscribed(self, link: EndpointLink, endpoint: UserEndpoint) -> None:
-        """After SUBACK (or CONNACK with a session). May: send the endpoint's queued events."""
-        self.table.flush(endpoint, link)
-
-    def on_unsubscribe(self, link: EndpointLink, endpoint: UserEndpoint, topic_filter: str) -> None:
-        """May: remove the filter from the endpoint's subscriptions."""
-        self.table.unsubscribe(endpoint, link, topic_filter)
+        return codec.SUBACK_FAILURE if granted is None else granted
 
     def on_publish(
         self, link: EndpointLink, endpoint: UserEndpoint, topic: str, payload: bytes, retain: bool
@@ -129,39 +114,6 @@ class EndpointPlugin(BaseAuthPlugin, BaseTopicPlugin):
         publisher's own organisation. Returns whether it was allowed.
         """
         if not any(topic_matches(f, topic) for f in self.publish_allow):
-            log.warning("%s may not publish to %r; message dropped", endpoint.id, topic)
             return False
         self.service.relay(endpoint, topic, payload)
         return True
-
-    def on_puback(self, link: EndpointLink, endpoint: UserEndpoint, packet_id: int) -> None:
-        """May: complete the queued QoS 1 event that this PUBACK acknowledges."""
-        self.table.acknowledge(endpoint, link, packet_id)
-
-    def on_disconnect(self, link: EndpointLink, endpoint: UserEndpoint, clean: bool) -> None:
-        """`link` ended, exactly once. May: detach it, and unregister an MQTT-made endpoint
-        after a clean DISCONNECT. Must not: affect a newer link of the same endpoint."""
-        self.table.disconnect(endpoint, link, clean)
-
-    # ------------------------------------------- amqtt's own plugin hooks
-
-    async def authenticate(self, *, session: Session) -> bool | None:
-        """amqtt's auth hook, only reached if a stock amqtt code path is used: fail closed."""
-        try:
-            self.service.verifier.verify(session.password or "")
-        except NotAuthenticated:
-            return False
-        return endpoint_id_problem(session.client_id) is None
-
-    async def topic_filtering(
-        self, *, session: Session | None = None, topic: str | None = None, action: Action | None = None
-    ) -> bool | None:
-        """amqtt's topic hook, for stock code paths: own endpoint topics only, receive-only."""
-        if session is None or topic is None or session.client_id is None:
-            return False
-        endpoint = self.table.get(session.client_id)
-        if endpoint is None:
-            return False
-        if action == Action.PUBLISH:
-            return any(topic_matches(f, topic) for f in self.publish_allow)
-        return endpoint.owns_topic(topic)

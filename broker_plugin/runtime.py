@@ -3,28 +3,37 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+import ssl
+from dataclasses import dataclass
 from typing import Any
 
-from broker_plugin.broker import EndpointBroker
-from broker_plugin.websocket import ChannelReader, ChannelWriter, MessageChannel
+from broker_plugin.broker import EndpointBroker, Listener
+from broker_plugin.connection import ConnectionLimits
+from broker_plugin.link import MqttLink, Transport
 from endpoint_core.service import EndpointService
 
 log = logging.getLogger("endpoint_broker.mqtt")
 
-WEBSOCKET_LISTENER = "ws"
-
 
 @dataclass(frozen=True, slots=True)
 class MqttSettings:
-    host: str = "127.0.0.1"
-    port: int = 1883
-    # Where the HTTP bridge serves MQTT over WebSocket; informational for amqtt.
-    websocket_bind: str = "127.0.0.1:8080"
-    connect_timeout_seconds: float = 10.0
-    max_packet_bytes: int = 256 * 1024
-    max_buffered_bytes: int = 4 * 1024 * 1024
-    client_publish_allow: tuple[str, ...] = field(default_factory=tuple)
+    """The broker's part of config.settings.Settings, where every default lives."""
+
+    host: str
+    port: int  # plain MQTT; 0 turns it off
+    limits: ConnectionLimits
+    max_pending_connects: int
+    client_publish_allow: tuple[str, ...]
+    ssl_context: ssl.SSLContext | None = None  # MQTT over TLS on tls_port, when given
+    tls_port: int = 0
+
+    def listeners(self) -> list[Listener]:
+        listeners = []
+        if self.port:
+            listeners.append(Listener(self.host, self.port))
+        if self.ssl_context is not None:
+            listeners.append(Listener(self.host, self.tls_port, self.ssl_context))
+        return listeners
 
 
 def _bind(host: str, port: int) -> str:
@@ -42,17 +51,14 @@ class MqttRuntime:
         return self.broker is not None and self.broker.transitions.state == "started"
 
     def broker_config(self) -> dict[str, Any]:
-        s = self._settings
         return {
-            "listeners": {
-                "default": {"type": "tcp", "bind": _bind(s.host, s.port)},
-                WEBSOCKET_LISTENER: {"type": "external", "bind": s.websocket_bind},
-            },
+            # amqtt requires a "default" listener; without a `bind` it opens nothing.
+            "listeners": {"default": {"type": "external"}},
             # Replaces amqtt's default plugins: no anonymous auth, no $SYS.
             "plugins": {
                 "broker_plugin.plugin.EndpointPlugin": {
                     "service": self._service,
-                    "client_publish_allow": list(s.client_publish_allow),
+                    "client_publish_allow": list(self._settings.client_publish_allow),
                 },
             },
         }
@@ -60,28 +66,25 @@ class MqttRuntime:
     async def start(self) -> None:
         s = self._settings
         # amqtt's Broker must be created inside the running loop.
-        self.broker = EndpointBroker(
-            self.broker_config(),
-            connect_timeout_seconds=s.connect_timeout_seconds,
-            max_packet_bytes=s.max_packet_bytes,
-            max_buffered_bytes=s.max_buffered_bytes,
-        )
+        self.broker = EndpointBroker(self.broker_config(), s.listeners(), s.limits, s.max_pending_connects)
         await self.broker.start()
-        log.info("MQTT broker listening on %s (TCP)", _bind(s.host, s.port))
+        for listener in s.listeners():
+            log.info("MQTT broker listening on %s (%s)", _bind(listener.host, listener.port),
+                     listener.transport_name.upper())
 
     async def stop(self) -> None:
-        if self.broker is not None and self.broker.transitions.state == "started":
+        if self.ready:
+            assert self.broker is not None
             await self.broker.shutdown()
 
     def stats(self) -> dict[str, int]:
-        """Open connections (also those still before CONNECT) and broker session-table entries."""
+        """Open MQTT connections, and how many of them still await their CONNECT."""
         if self.broker is None:
-            return {"connections": 0, "sessions": 0}
-        return {"connections": len(self.broker.connections), "sessions": len(self.broker.sessions)}
+            return {"connections": 0, "pendingConnects": 0}
+        return {"connections": len(self.broker.links), "pendingConnects": self.broker.pending_connects}
 
-    async def serve_websocket(self, channel: MessageChannel) -> None:
-        """Serve one MQTT-over-WebSocket connection until it ends."""
-        if self.broker is None:
-            await channel.close()
-            return
-        await self.broker.external_connected(ChannelReader(channel), ChannelWriter(channel), WEBSOCKET_LISTENER)
+    def open_link(self, transport: Transport, peer: str, transport_name: str) -> MqttLink | None:
+        """A link for a connection that arrived elsewhere (MQTT over WebSocket); None if refused."""
+        if self.broker is None or not self.ready:
+            return None
+        return self.broker.open_link(transport, peer, transport_name)

@@ -19,10 +19,15 @@ from typing import Any
 
 import yaml
 
+from broker_plugin.connection import ConnectionLimits
+from endpoint_core.principals import ClaimNames
 from endpoint_core.table import TablePolicy
 
 ENV_PREFIX = "ENDPOINT_BROKER_"
+# Each default below that belongs to a component is that component's own.
 _POLICY = TablePolicy()
+_LIMITS = ConnectionLimits()
+_CLAIMS = ClaimNames()
 
 
 class ConfigError(ValueError):
@@ -44,11 +49,11 @@ class Settings:
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
     jwt_leeway_seconds: float = 30.0
-    jwt_user_claim: str = "userId"
-    jwt_user_fallback_claim: str = "sub"
-    jwt_organization_claim: str = "organization_id"
-    jwt_roles_claim: str = "authorities"
-    jwt_service_roles: list[str] = field(default_factory=lambda: ["SERVICE", "ROLE_SERVICE"])
+    jwt_user_claim: str = _CLAIMS.user
+    jwt_user_fallback_claim: str = _CLAIMS.user_fallback
+    jwt_organization_claim: str = _CLAIMS.organization
+    jwt_roles_claim: str = _CLAIMS.roles
+    jwt_service_roles: list[str] = field(default_factory=lambda: sorted(_CLAIMS.service_roles, reverse=True))
 
     # Endpoint lifecycle and delivery: the table's own defaults (endpoint_core.table.TablePolicy).
     max_keep_alive_seconds: int = _POLICY.max_keep_alive_seconds
@@ -60,6 +65,7 @@ class Settings:
     queue_max_bytes: int = _POLICY.queue_max_bytes
     ack_timeout_seconds: float = _POLICY.ack_timeout_seconds
     max_endpoints_per_user: int = _POLICY.max_endpoints_per_user
+    unregister_block_seconds: float = _POLICY.unregister_block_seconds
 
     # HTTP.
     max_body_bytes: int = 64 * 1024
@@ -70,9 +76,12 @@ class Settings:
 
     # MQTT.
     client_publish_allow: list[str] = field(default_factory=list)
-    connect_timeout_seconds: float = 10.0
-    mqtt_max_packet_bytes: int = 256 * 1024
-    mqtt_max_buffered_bytes: int = 4 * 1024 * 1024
+    connect_timeout_seconds: float = _LIMITS.connect_timeout_seconds
+    mqtt_max_packet_bytes: int = _LIMITS.max_packet_bytes
+    mqtt_max_buffered_bytes: int = _LIMITS.max_buffered_bytes
+    mqtt_max_connect_bytes: int = _LIMITS.max_connect_bytes
+    # Connections allowed to await their CONNECT at once; more are refused at accept.
+    mqtt_max_pending_connects: int = 1000
 
     @property
     def dev_mode(self) -> bool:
@@ -94,13 +103,14 @@ class Settings:
         # Two topic forms per event, and QoS 1 packet ids are 16 bits: keep them from running out.
         if not 1 <= self.queue_max_events <= 30_000 or self.queue_max_bytes < 1:
             raise ConfigError("queue_max_events must be from 1 to 30000, and queue_max_bytes positive")
-        for name in ("ack_timeout_seconds", "connect_timeout_seconds"):
+        for name in ("ack_timeout_seconds", "connect_timeout_seconds", "unregister_block_seconds"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         for name in ("expiry_grace_ratio", "min_expiry_grace_seconds", "jwt_leeway_seconds"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
-        for name in ("max_endpoints_per_user", "max_body_bytes", "mqtt_max_packet_bytes", "mqtt_max_buffered_bytes"):
+        for name in ("max_endpoints_per_user", "max_body_bytes", "mqtt_max_packet_bytes", "mqtt_max_buffered_bytes",
+                     "mqtt_max_connect_bytes", "mqtt_max_pending_connects"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         if self.jwt_public_key_file and not Path(self.jwt_public_key_file).is_file():
@@ -109,6 +119,14 @@ class Settings:
     def table_policy(self) -> TablePolicy:
         """The table's settings, field by field."""
         return TablePolicy(**{f.name: getattr(self, f.name) for f in fields(TablePolicy)})
+
+    def connection_limits(self) -> ConnectionLimits:
+        return ConnectionLimits(
+            connect_timeout_seconds=self.connect_timeout_seconds,
+            max_packet_bytes=self.mqtt_max_packet_bytes,
+            max_connect_bytes=self.mqtt_max_connect_bytes,
+            max_buffered_bytes=self.mqtt_max_buffered_bytes,
+        )
 
     def redacted(self) -> dict[str, Any]:
         """The settings, safe to log."""

@@ -25,18 +25,45 @@ class Origin(enum.Enum):
     MQTT = "mqtt"
 
 
+class DisconnectReason(enum.StrEnum):
+    """Why a connection ended: one closed set for the table, log lines, metrics and lifecycle events."""
+
+    CLEAN = "clean"  # the client sent DISCONNECT
+    DROPPED = "dropped"  # the transport went away without DISCONNECT
+    PROTOCOL_VIOLATION = "protocol violation"
+    CONNECT_TIMEOUT = "no CONNECT in time"
+    CONNECT_REFUSED = "connect refused"
+    TOKEN_EXPIRED = "token expired"  # noqa: S105 - a reason, not a secret
+    TAKEN_OVER = "taken over"
+    SLOW_READER = "slow reader"
+    UNREGISTERED = "unregistered"
+    EXPIRED = "expired"
+    SHUTDOWN = "shutdown"
+    INTERNAL_ERROR = "internal error"
+
+
+class RemovalReason(enum.StrEnum):
+    """Why an endpoint left the table."""
+
+    UNREGISTERED = "unregistered"
+    EXPIRED = "expired"
+    DISCONNECTED = "disconnected"  # a clean MQTT DISCONNECT of an endpoint MQTT made
+
+
 class EndpointLink(Protocol):
     """A live transport session (an MQTT connection) attached to an endpoint.
 
-    The domain calls it synchronously from the event loop; neither method may block.
+    The table calls it synchronously from the event loop; neither method may block,
+    and neither may call back into the table before it returns: a link detaches
+    itself later, from its transport's `connection_lost` (a separate loop callback).
     """
 
     def publish(self, topic: str, payload: bytes, qos: int, packet_id: int | None, dup: bool) -> bool:
         """Write one PUBLISH. False when the link can no longer carry it (closing, or stuck)."""
         ...
 
-    def close(self, reason: str) -> None:
-        """Start closing the connection; the transport detaches itself when done."""
+    def close(self, reason: DisconnectReason) -> None:
+        """Start closing the connection. The link detaches itself later, never from inside this call."""
         ...
 
 
@@ -68,6 +95,8 @@ class UserEndpoint:
     version: int = 0
     reminder_sent: bool = False
     link: EndpointLink | None = None
+    # The MQTT keep-alive of the attached link (0: none); None without a link.
+    link_keep_alive: int | None = None
     # Topic -> granted QoS (0 or 1) on the current link, in subscription order.
     # Kept across links only for clean_session=0 clients (see EndpointTable.connect).
     subscriptions: dict[str, int] = field(default_factory=dict)
@@ -78,10 +107,6 @@ class UserEndpoint:
     # The endpoint's one live entry in the table's timer heap (0: none).
     timer_token: int = 0
     timer_at: float = math.inf
-
-    @property
-    def connected(self) -> bool:
-        return self.link is not None
 
     def owns_topic(self, topic: str) -> bool:
         """Whether `topic` is one of this endpoint's own topics (the only ones it may subscribe to)."""

@@ -17,10 +17,11 @@ from typing import Any
 
 import orjson
 
-from endpoint_core.endpoint import EndpointLink, UserEndpoint, endpoint_id_of_topic
+from endpoint_core.endpoint import EndpointLink, RemovalReason, UserEndpoint, endpoint_id_of_topic
 from endpoint_core.errors import Forbidden, InvalidInput, NotAuthenticated, NotFound, Unavailable
 from endpoint_core.events import masked, parse_send_event
 from endpoint_core.ids import require_endpoint_id
+from endpoint_core.logtext import loggable
 from endpoint_core.principals import Principal, TokenVerifier
 from endpoint_core.table import EndpointTable
 
@@ -73,8 +74,10 @@ class EndpointService:
         reason = command.get("reason")
         if reason is not None and not isinstance(reason, str):
             raise InvalidInput("reason must be a string", "reason")
-        # repr: the reason is the caller's text, and it goes into log lines.
-        self.table.remove(endpoint, f"unregistered: {reason[:200]!r}" if reason else "unregistered")
+        block = command.get("block", False)
+        if not isinstance(block, bool):
+            raise InvalidInput("block must be a boolean", "block")
+        self.table.remove(endpoint, RemovalReason.UNREGISTERED, loggable(reason, 200) if reason else "", block=block)
 
     def get(self, principal: Principal, endpoint_id: str) -> UserEndpoint:
         return self._visible(principal, endpoint_id)

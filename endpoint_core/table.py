@@ -7,7 +7,18 @@ arrive in:
 - an endpoint id maps to exactly one owner (user and organisation);
 - an endpoint has at most one live link; a link that was replaced or removed
   can no longer change anything (every link-bound call compares identities);
-- a removed endpoint has no link, no queue and no pending timer.
+- a removed endpoint has no link, no queue and no pending timer;
+- the table never re-enters itself: a link it calls (`publish`, `close`) never
+  calls back into the table before returning. A closed link detaches later,
+  from its transport's `connection_lost`, through `disconnect`, which ignores a
+  link that is no longer the endpoint's. So no method here needs defensive
+  copies or a particular order of its own steps to stay correct.
+
+While an MQTT connection is attached, the endpoint lives at least as long as
+MQTT's own rule would keep that connection (1.5 x its keep-alive): its period is
+the longer of `keepAliveSeconds` and the connection's keep-alive, and a
+keep-alive of 0 (no keep-alive, in MQTT) keeps it for as long as it is
+connected. Once the connection is gone, `keepAliveSeconds` alone counts again.
 
 Expiry runs from a heap with one live entry per endpoint. A keepalive only moves
 `last_keepalive` forward, which can only make the endpoint's next event later, so
@@ -27,8 +38,17 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
+from cachetools import TTLCache
+
 from endpoint_core.clock import Clock, monotonic, wall_time_of
-from endpoint_core.endpoint import EndpointLink, EndpointState, Origin, UserEndpoint
+from endpoint_core.endpoint import (
+    DisconnectReason,
+    EndpointLink,
+    EndpointState,
+    Origin,
+    RemovalReason,
+    UserEndpoint,
+)
 from endpoint_core.errors import Conflict, Forbidden, InvalidInput
 from endpoint_core.ids import new_endpoint_id, require_endpoint_id
 from endpoint_core.outbox import Outbox, PendingEvent
@@ -53,6 +73,8 @@ class TablePolicy:
     ack_timeout_seconds: float = 10.0
     # Bounds what one user can pin in memory (endpoints x their queues).
     max_endpoints_per_user: int = 100
+    # How long an unregister with `"block": true` refuses CONNECTs for the id (a logout that sticks).
+    unregister_block_seconds: float = 60.0
 
 
 @dataclass(slots=True)
@@ -69,6 +91,10 @@ class EndpointTable:
         self._by_owner: dict[tuple[str, str], dict[str, UserEndpoint]] = {}
         self._heap: list[tuple[float, int, UserEndpoint]] = []
         self._tokens = itertools.count(1)
+        # Endpoint ids whose CONNECTs are refused after a blocking unregister, until a deadline.
+        self._blocked: TTLCache[str, bool] = TTLCache(
+            maxsize=100_000, ttl=self.policy.unregister_block_seconds, timer=clock
+        )
         # Called with the new earliest deadline whenever it moves earlier, so a
         # driver can sleep until exactly then (see endpoint_core.expiry).
         self.on_earlier_deadline: Callable[[float], None] | None = None
@@ -106,6 +132,8 @@ class EndpointTable:
         if endpoint is None:
             endpoint = self._create(endpoint_id, user_id, owner_org, keep_alive_seconds, reminder_on,
                                     Origin.REST, now)
+            # Registering again over REST is the app's own decision: it lifts a logout block.
+            self._blocked.pop(endpoint_id, None)
             return endpoint, True
         self._check_owner(endpoint, user_id, owner_org)
         # Updated in place; a REST registration also takes ownership of the
@@ -127,10 +155,17 @@ class EndpointTable:
         if endpoint.link is link:
             self._keepalive(endpoint, self._clock())
 
-    def remove(self, endpoint: UserEndpoint, reason: str) -> None:
-        """Unregister: drop the endpoint and its queue, and close its connection."""
+    def remove(self, endpoint: UserEndpoint, reason: RemovalReason, detail: str = "", block: bool = False) -> None:
+        """Unregister: drop the endpoint and its queue, and close its connection.
+
+        With `block`, CONNECTs with the endpoint's id are refused for
+        `unregister_block_seconds`, so that a client library's automatic
+        reconnect cannot bring a logged-out endpoint straight back.
+        """
         if endpoint.removed:
             return
+        if block:
+            self._blocked[endpoint.id] = True
         endpoint.removed = True
         endpoint.timer_token = 0
         del self._by_id[endpoint.id]
@@ -146,10 +181,13 @@ class EndpointTable:
             )
         endpoint.outbox = None
         endpoint.subscriptions = {}
-        link, endpoint.link = endpoint.link, None
-        log.info("endpoint %s removed: %s", endpoint.id, reason)
+        link, endpoint.link, endpoint.link_keep_alive = endpoint.link, None, None
+        log.info("endpoint %s removed: %s%s", endpoint.id, reason, f" ({detail})" if detail else "")
         if link is not None:
-            link.close(reason)
+            link.close(DisconnectReason.EXPIRED if reason is RemovalReason.EXPIRED else DisconnectReason.UNREGISTERED)
+
+    def is_blocked(self, endpoint_id: str) -> bool:
+        return endpoint_id in self._blocked
 
     # ------------------------------------------------------------ MQTT links
 
@@ -169,6 +207,9 @@ class EndpointTable:
         """
         owner_org = self._require_organization(organization_id)
         require_endpoint_id(endpoint_id, "client id")
+        if endpoint_id in self._blocked:
+            raise Forbidden(f"endpoint {endpoint_id!r} was logged out; reconnecting is refused for a while",
+                            "client id")
         keep_alive = min(
             mqtt_keep_alive or self.policy.default_mqtt_keep_alive_seconds,
             self.policy.max_keep_alive_seconds,
@@ -185,8 +226,8 @@ class EndpointTable:
                 endpoint.keep_alive_seconds = keep_alive
                 endpoint.version += 1
             self._keepalive(endpoint, now)
-            self._arm(endpoint, now)
-        previous, endpoint.link = endpoint.link, link
+        previous, endpoint.link, endpoint.link_keep_alive = endpoint.link, link, mqtt_keep_alive
+        self._arm(endpoint, now)
         session_present = persistent_session and endpoint.persistent_session and bool(endpoint.subscriptions)
         if not session_present:
             endpoint.subscriptions = {}
@@ -194,20 +235,25 @@ class EndpointTable:
         if endpoint.outbox is not None:
             endpoint.outbox.link_lost(keep_packet_ids=session_present)
         if previous is not None and previous is not link:
-            previous.close("taken over by a new connection")
+            previous.close(DisconnectReason.TAKEN_OVER)
         return endpoint, session_present
 
-    def disconnect(self, endpoint: UserEndpoint, link: EndpointLink, clean: bool) -> None:
+    def disconnect(self, endpoint: UserEndpoint, link: EndpointLink, reason: DisconnectReason) -> None:
         """The connection `link` ended. A clean DISCONNECT unregisters an MQTT-made endpoint."""
         if endpoint.link is not link:
             return  # replaced by a newer connection, or already removed
-        endpoint.link = None
+        if endpoint.link_keep_alive == 0:
+            # Nothing watched a keep-alive-0 connection: its end is its last sign of life.
+            endpoint.last_keepalive = self._clock()
+        endpoint.link, endpoint.link_keep_alive = None, None
         if not endpoint.persistent_session:
             endpoint.subscriptions = {}
         if endpoint.outbox is not None:
             endpoint.outbox.link_lost(keep_packet_ids=endpoint.persistent_session)
-        if clean and endpoint.origin is Origin.MQTT:
-            self.remove(endpoint, "disconnected")
+        if reason is DisconnectReason.CLEAN and endpoint.origin is Origin.MQTT:
+            self.remove(endpoint, RemovalReason.DISCONNECTED)
+            return
+        self._arm(endpoint, self._clock())
 
     def subscribe(self, endpoint: UserEndpoint, link: EndpointLink, topic_filter: str, qos: int = 1) -> int | None:
         """Subscribe to one of the endpoint's own topics; return the granted QoS, None if refused.
@@ -293,9 +339,9 @@ class EndpointTable:
             # Sent before and not all acknowledged (a timeout, or a resumed persistent
             # session): the same PUBLISHes again, under their original packet ids.
             return all(link.publish(topic, event.payload, 1, packet_id, True)
-                       for packet_id, topic in list(event.unacked.items()))
+                       for packet_id, topic in event.unacked.items())
         dup = event.sends > 0
-        for topic, granted in list(subscriptions.items()):
+        for topic, granted in subscriptions.items():
             if granted == 0:
                 if not link.publish(topic, event.payload, 0, None, False):
                     return False
@@ -321,9 +367,9 @@ class EndpointTable:
     def advance(self, now: float | None = None) -> None:
         """Run every timer that is due: reminders, SICK, expiry and QoS 1 redelivery."""
         now = self._clock() if now is None else now
-        heap = self._heap
-        while heap and heap[0][0] <= now:
-            _, token, endpoint = heapq.heappop(heap)
+        # self._heap, not a local: a timer may re-arm and so compact (replace) the heap.
+        while self._heap and self._heap[0][0] <= now:
+            _, token, endpoint = heapq.heappop(self._heap)
             if token != endpoint.timer_token:
                 continue  # superseded by a later arm, or the endpoint is gone
             endpoint.timer_token = 0
@@ -342,27 +388,37 @@ class EndpointTable:
             heapq.heappop(heap)
         return heap[0][0] if heap else None
 
+    @staticmethod
+    def _period(endpoint: UserEndpoint) -> float:
+        """The keepalive period in force: see the module docstring for an attached connection."""
+        link_keep_alive = endpoint.link_keep_alive
+        if link_keep_alive is None:
+            return endpoint.keep_alive_seconds
+        if link_keep_alive == 0:
+            return math.inf
+        return max(endpoint.keep_alive_seconds, link_keep_alive)
+
     def _deadline(self, endpoint: UserEndpoint) -> float:
         """When the endpoint turns SICK without a keepalive (table clock)."""
-        return endpoint.last_keepalive + endpoint.keep_alive_seconds
+        return endpoint.last_keepalive + self._period(endpoint)
 
     def _grace(self, endpoint: UserEndpoint) -> float:
         p = self.policy
-        return max(p.min_expiry_grace_seconds, endpoint.keep_alive_seconds * p.expiry_grace_ratio)
+        return max(p.min_expiry_grace_seconds, self._period(endpoint) * p.expiry_grace_ratio)
 
     def _reminder_at(self, endpoint: UserEndpoint) -> float:
-        return endpoint.last_keepalive + endpoint.keep_alive_seconds * self.policy.reminder_ratio
+        return endpoint.last_keepalive + self._period(endpoint) * self.policy.reminder_ratio
 
     def _on_timer(self, endpoint: UserEndpoint, now: float) -> None:
         deadline = self._deadline(endpoint)
         if now >= deadline + self._grace(endpoint):
-            self.remove(endpoint, "expired")
+            self.remove(endpoint, RemovalReason.EXPIRED)
             return
         if now >= deadline:
             if endpoint.state is not EndpointState.SICK:
                 endpoint.state = EndpointState.SICK
                 endpoint.version += 1
-                log.info("endpoint %s is SICK: no keepalive for %ss", endpoint.id, endpoint.keep_alive_seconds)
+                log.info("endpoint %s is SICK: no keepalive for %ss", endpoint.id, self._period(endpoint))
         elif (
             endpoint.server_keep_alive_reminder_on
             and not endpoint.reminder_sent
@@ -398,8 +454,8 @@ class EndpointTable:
         self._arm_at(endpoint, self._next_event_at(endpoint, now))
 
     def _arm_at(self, endpoint: UserEndpoint, when: float) -> None:
-        if endpoint.removed:
-            return
+        if endpoint.removed or when == math.inf:
+            return  # nothing will ever be due (a keep-alive-0 connection); a detach re-arms
         if endpoint.timer_token and endpoint.timer_at <= when:
             return  # the live entry fires earlier and will re-arm
         token = next(self._tokens)

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from endpoint_core.errors import DomainError
 from endpoint_core.principals import Principal
 from endpoint_core.service import EndpointService
+from http_bridge import websocket
 from http_bridge.problems import PROBLEM_JSON, problem_body, problem_headers, status_of
 from http_bridge.requests import check_declared_length, check_length, parse_json
 
@@ -91,7 +92,7 @@ ENDPOINTS = {path: CommandEndpoint(command) for path, command in COMMANDS.items(
 
 
 class CommandRoutes:
-    """Middleware: a POST to a command path goes straight to its CommandEndpoint.
+    """Middleware: a POST to a command path goes straight to its CommandEndpoint, /ws to MQTT.
 
     The same endpoints are also in Starlette's router (http_bridge.routes), so that
     405 answers list POST in their Allow header; this only skips the router.
@@ -101,11 +102,13 @@ class CommandRoutes:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        endpoint = ENDPOINTS.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
-        if endpoint is None:
-            await self.app(scope, receive, send)
-        else:
+        kind = scope["type"]
+        if kind == "http" and scope["method"] == "POST" and (endpoint := ENDPOINTS.get(scope["path"])):
             await endpoint(scope, receive, send)
+        elif kind == "websocket" and scope["path"] == websocket.PATH:
+            await websocket.mqtt_over_websocket(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
 
 async def _read_body(receive: Receive, content_length: str | None, limit: int) -> bytes | None:

@@ -1,17 +1,19 @@
-"""The Registration v1.0 read routes, /healthz and /ws, each a thin call into EndpointService."""
+"""The Registration v1.0 read routes and /healthz, each a thin call into EndpointService.
+
+MQTT over WebSocket at /ws is plain ASGI ahead of the router (http_bridge.websocket).
+"""
 
 from __future__ import annotations
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route, WebSocketRoute, request_response
+from starlette.routing import Route, request_response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from http_bridge.commands import ENDPOINTS, PREFIX
 from http_bridge.problems import problem
 from http_bridge.requests import principal_of, service_of
 from http_bridge.responses import json_response
-from http_bridge.websocket import mqtt_over_websocket
 
 
 class ByMethod:
@@ -60,5 +62,4 @@ routes = [
     *(Route(path, endpoint, methods=["POST"]) for path, endpoint in ENDPOINTS.items() if path != PREFIX),
     Route(PREFIX + "/{endpoint_id}", get_endpoint, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
-    WebSocketRoute("/ws", mqtt_over_websocket),
 ]

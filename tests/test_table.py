@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from endpoint_core.endpoint import EndpointState, Origin
+from endpoint_core.endpoint import DisconnectReason, EndpointState, Origin, RemovalReason
 from endpoint_core.errors import Conflict, Forbidden, InvalidInput
 from endpoint_core.table import EndpointTable, TablePolicy
 
@@ -149,7 +149,7 @@ def test_take_over_closes_the_old_link_and_the_old_link_cannot_detach_the_new(cl
     endpoint, _ = table.connect("u", "o", "e1", 30, old, False)
     table.connect("u", "o", "e1", 30, new, False)
     assert old.closed and not new.closed and endpoint.link is new
-    table.disconnect(endpoint, old, clean=True)  # the old socket's late disconnect
+    table.disconnect(endpoint, old, DisconnectReason.CLEAN)  # the old socket's late disconnect
     assert endpoint.link is new and not endpoint.removed
     assert not table.subscribe(endpoint, old, "users/endpoints/e1")
     assert table.subscribe(endpoint, new, "users/endpoints/e1")
@@ -158,14 +158,14 @@ def test_take_over_closes_the_old_link_and_the_old_link_cannot_detach_the_new(cl
 def test_disconnect_rules(clock: Clock) -> None:
     table = make_table(clock)
     mqtt_made, _ = table.connect("u", "o", "m", 30, link := FakeLink(), False)
-    table.disconnect(mqtt_made, link, clean=True)
+    table.disconnect(mqtt_made, link, DisconnectReason.CLEAN)
     assert mqtt_made.removed
     dropped, _ = table.connect("u", "o", "d", 30, link := FakeLink(), False)
-    table.disconnect(dropped, link, clean=False)
+    table.disconnect(dropped, link, DisconnectReason.DROPPED)
     assert not dropped.removed and dropped.link is None
     rest_made, _ = table.register("u", "o", "r", 30, False)
     table.connect("u", "o", "r", 30, link := FakeLink(), False)
-    table.disconnect(rest_made, link, clean=True)
+    table.disconnect(rest_made, link, DisconnectReason.CLEAN)
     assert not rest_made.removed
 
 
@@ -212,7 +212,7 @@ def test_unacknowledged_events_are_resent_with_dup_after_the_timeout_and_on_reco
     advance(table, clock, 5.2)
     sent = [(p, dup, pid) for _, p, _, pid, dup in link.sent]
     assert sent == [(b"event", False, first_id), (b"event", True, first_id)]
-    table.disconnect(endpoint, link, clean=False)
+    table.disconnect(endpoint, link, DisconnectReason.DROPPED)
     table.connect("u", "o", "e1", 300, again := FakeLink(), False)
     table.subscribe(endpoint, again, "users/endpoints/e1")
     table.flush(endpoint, again)
@@ -257,7 +257,7 @@ def test_removal_closes_the_link_and_drops_the_queue(clock: Clock) -> None:
     table = make_table(clock)
     endpoint, _ = table.connect("u", "o", "e1", 30, link := FakeLink(), False)
     table.deliver([endpoint], b"pending", 1)
-    table.remove(endpoint, "unregistered")
+    table.remove(endpoint, RemovalReason.UNREGISTERED)
     assert link.closed == ["unregistered"] and endpoint.outbox is None and table.get("e1") is None
     assert table.endpoints_of("o", "u") == []
     assert table.deliver([endpoint], b"late", 1).delivered == 0
@@ -273,7 +273,7 @@ def test_a_new_event_for_a_slow_consumer_sends_only_itself(clock: Clock) -> None
     table.acknowledge(endpoint, link, link.sent[100][3])  # type: ignore[arg-type]
     table.deliver([endpoint], b"late", 1)
     assert [payload for _, payload, _, _, _ in link.sent[500:]] == [b"late"]
-    table.disconnect(endpoint, link, clean=False)
+    table.disconnect(endpoint, link, DisconnectReason.DROPPED)
     table.connect("u", "o", "e1", 300, again := FakeLink(), False)
     table.subscribe(endpoint, again, "users/endpoints/e1")
     table.flush(endpoint, again)

@@ -1,0 +1,296 @@
+"""MqttLink: one client connection, driven. The glue between a transport, the sans-IO
+MqttConnection, the EndpointPlugin and the endpoint table.
+
+The TCP listener (broker_plugin.tcp) and MQTT over WebSocket (http_bridge.websocket)
+both create a link and feed it bytes, so both speak exactly the same MQTT. Each read
+is handled synchronously, packet by packet, and the bytes it produces go out in one
+write at its end (a CONNACK and the queued events it releases, a burst of PUBACKs).
+
+The link is also the endpoint's `EndpointLink`. Closing it never calls back into the
+table: the transport is closed (or aborted), and the link detaches from its endpoint
+only in `connection_lost`, which the transport calls later, as its own loop callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+from broker_plugin import codec
+from broker_plugin.connection import (
+    Closed,
+    ConnectionLimits,
+    ConnectRequest,
+    Event,
+    MqttConnection,
+    PubackReceived,
+    PublishReceived,
+    SubscribeRequest,
+    UnsubscribeRequest,
+)
+from endpoint_core.clock import Clock
+from endpoint_core.endpoint import DisconnectReason, UserEndpoint
+from endpoint_core.logtext import loggable
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from broker_plugin.plugin import EndpointPlugin
+    from endpoint_core.table import EndpointTable
+
+log = logging.getLogger("endpoint_broker.mqtt")
+
+# Refused SUBSCRIBEs and PUBLISHes logged per connection; the rest are only counted.
+REFUSALS_LOGGED_PER_CONNECTION = 5
+
+# A replaced or stuck client gets no goodbye: its socket is aborted, unsent bytes and all.
+_ABORT_REASONS = frozenset({DisconnectReason.TAKEN_OVER, DisconnectReason.SLOW_READER})
+# Any other close first sends what is buffered (a refusing CONNACK, say), but a peer that does
+# not read would keep the socket and its buffer forever: it is aborted after this long.
+CLOSE_GRACE_SECONDS = 5.0
+
+
+class Transport(Protocol):
+    """Where a link's bytes go: a TCP transport or a WebSocket."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def buffered(self) -> int:
+        """Bytes written but not yet handed to the network."""
+        ...
+
+    def close(self) -> None:
+        """Send what is buffered, then close. The driver then calls `connection_lost`."""
+        ...
+
+    def abort(self) -> None:
+        """Close now, dropping unsent bytes. The driver then calls `connection_lost`."""
+        ...
+
+
+class LinkHost(Protocol):
+    """What a link needs from the broker that accepted it."""
+
+    plugin: EndpointPlugin
+    table: EndpointTable
+    limits: ConnectionLimits
+    clock: Clock
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> asyncio.TimerHandle: ...
+
+    def connect_settled(self, link: MqttLink) -> None:
+        """The link's CONNECT was answered, or it ended before one: it no longer counts as pending."""
+        ...
+
+    def link_ended(self, link: MqttLink) -> None: ...
+
+    def log_refused_connect(self, link: MqttLink, client_id: str, code: int, reason: str) -> None: ...
+
+
+class MqttLink:
+    __slots__ = ("__weakref__", "_connection", "_corked", "_ended", "_host", "_refusals", "_timer",
+                 "_transport", "close_reason", "endpoint", "peer", "pending", "transport_name")
+
+    def __init__(self, host: LinkHost, transport: Transport, peer: str, transport_name: str) -> None:
+        self._host = host
+        self._transport = transport
+        self._connection = MqttConnection(host.limits, host.clock())
+        self._timer: asyncio.TimerHandle | None = None
+        self._corked = False
+        self._ended = False
+        self._refusals = 0
+        self.peer = peer
+        self.transport_name = transport_name  # "tcp", "tls" or "websocket"
+        self.endpoint: UserEndpoint | None = None
+        self.close_reason: DisconnectReason | None = None
+        self.pending = True  # no CONNECT answered yet
+        self._arm_timer()
+
+    @property
+    def closed(self) -> bool:
+        return self._connection.closed
+
+    # ----------------------------------------------------------- transport side
+
+    def data_received(self, data: bytes) -> None:
+        connection = self._connection
+        connection.receive_data(data)
+        self._corked = True
+        try:
+            while (event := connection.next_event()) is not None:
+                self._handle(event)
+        except Exception:
+            # A bug must cost this connection only, never the process or other endpoints.
+            log.exception("closing %s (%s): internal error while handling a packet",
+                          self._name(), self.peer)
+            closed = connection.close(DisconnectReason.INTERNAL_ERROR)
+            if closed is not None:
+                self._end(closed)
+        finally:
+            self._corked = False
+        self._flush()
+
+    def protocol_violation(self, detail: str) -> None:
+        """The transport saw the peer break the protocol below MQTT (a WebSocket text message)."""
+        closed = self._connection.close(DisconnectReason.PROTOCOL_VIOLATION, detail)
+        if closed is not None:
+            self._end(closed)
+
+    def connection_lost(self) -> None:
+        """The transport is gone: the peer left, the network failed, or our own close finished."""
+        if self._ended:
+            return
+        self._ended = True
+        closed = self._connection.close(DisconnectReason.DROPPED)
+        if closed is not None:
+            self.close_reason = closed.reason
+        self._cancel_timer()
+        if self.pending:
+            self.pending = False
+            self._host.connect_settled(self)
+        endpoint = self.endpoint
+        if endpoint is not None:
+            reason = self.close_reason or DisconnectReason.DROPPED
+            log.info("connection of %s from %s ended: %s", endpoint.id, self.peer, reason)
+            self._host.table.disconnect(endpoint, self, reason)
+        self._host.link_ended(self)
+
+    # ------------------------------------------------------------ EndpointLink
+
+    def publish(self, topic: str, payload: bytes, qos: int, packet_id: int | None, dup: bool) -> bool:
+        if not self._connection.send_publish(topic, payload, qos, packet_id, dup):
+            return False
+        if not self._corked:
+            self._flush()
+        return not self._connection.closed
+
+    def close(self, reason: DisconnectReason) -> None:
+        closed = self._connection.close(reason)
+        if closed is not None:
+            self._end(closed)
+
+    # ------------------------------------------------------------------ events
+
+    def _handle(self, event: Event) -> None:
+        endpoint = self.endpoint
+        if endpoint is not None:
+            # Every packet from the client is a keepalive for its endpoint.
+            self._host.table.touch(endpoint, self)
+        if isinstance(event, PubackReceived):
+            assert endpoint is not None
+            self._host.table.acknowledge(endpoint, self, event.packet_id)
+        elif isinstance(event, SubscribeRequest):
+            assert endpoint is not None
+            self._on_subscribe(event, endpoint)
+        elif isinstance(event, ConnectRequest):
+            self._on_connect(event)
+        elif isinstance(event, Closed):
+            self._end(event)
+        elif isinstance(event, UnsubscribeRequest):
+            assert endpoint is not None
+            for topic in event.topics:
+                self._host.table.unsubscribe(endpoint, self, topic)
+        elif isinstance(event, PublishReceived):
+            assert endpoint is not None
+            if not self._host.plugin.on_publish(self, endpoint, event.topic, event.payload, event.retain):
+                self._log_refusal("publish to", event.topic)
+        # PingReceived and QosTwoAckReceived were answered by the connection; they only count as keepalives.
+
+    def _on_connect(self, request: ConnectRequest) -> None:
+        self.pending = False
+        self._host.connect_settled(self)
+        verdict = self._host.plugin.on_connect(
+            self,
+            client_id=request.client_id,
+            username=request.username,
+            password=request.password,
+            keep_alive=request.keep_alive,
+            clean_session=request.clean_session,
+        )
+        if verdict.code != codec.ACCEPTED:
+            self._host.log_refused_connect(self, request.client_id, verdict.code, verdict.reason)
+            self._connection.refuse(verdict.code, verdict.reason)
+            return
+        assert verdict.endpoint is not None and verdict.principal is not None
+        self.endpoint = verdict.endpoint
+        # The connection lives until the token's `exp` (Unix time), counted on the host's clock.
+        expires_at = self._host.clock() + (verdict.principal.expires_at - time.time())
+        self._connection.accept(verdict.session_present, expires_at)
+        self._arm_timer()
+        log.info("%s connected from %s over %s as user %s", verdict.endpoint.id, self.peer,
+                 self.transport_name, verdict.principal.user_id)
+        if verdict.session_present:
+            self._host.table.flush(verdict.endpoint, self)
+
+    def _on_subscribe(self, request: SubscribeRequest, endpoint: UserEndpoint) -> None:
+        plugin = self._host.plugin
+        codes = []
+        for topic, qos in request.topics:
+            code = plugin.on_subscribe(self, endpoint, topic, qos)
+            if code == codec.SUBACK_FAILURE:
+                self._log_refusal("subscription to", topic)
+            codes.append(code)
+        self._connection.send_suback(request.packet_id, codes)
+        if any(code != codec.SUBACK_FAILURE for code in codes):
+            self._host.table.flush(endpoint, self)
+
+    # ----------------------------------------------------------------- helpers
+
+    def _end(self, closed: Closed) -> None:
+        """The connection is over: send what it still has to say, then close the transport."""
+        self.close_reason = closed.reason
+        self._cancel_timer()
+        if closed.reason is DisconnectReason.PROTOCOL_VIOLATION:
+            log.info("closing %s (%s): protocol violation: %s", self._name(), self.peer, loggable(closed.detail))
+        data = self._connection.data_to_send()
+        if data:
+            self._transport.write(data)
+        if closed.reason in _ABORT_REASONS:
+            self._transport.abort()
+        else:
+            self._transport.close()
+            self._timer = self._host.call_later(CLOSE_GRACE_SECONDS, self._transport.abort)
+
+    def _flush(self) -> None:
+        data = self._connection.data_to_send()
+        if not data:
+            return
+        self._transport.write(data)
+        # Every byte counts, PINGRESPs included: a client that sends but never reads is cut off.
+        if self._transport.buffered() > self._host.limits.max_buffered_bytes:
+            log.warning("closing %s: it does not read (over %d bytes unsent)",
+                        self._name(), self._host.limits.max_buffered_bytes)
+            self.close(DisconnectReason.SLOW_READER)
+
+    def _arm_timer(self) -> None:
+        self._cancel_timer()
+        deadline = self._connection.next_deadline()
+        if deadline is not None:
+            self._timer = self._host.call_later(max(0.0, deadline - self._host.clock()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        closed = self._connection.handle_timeout(self._host.clock())
+        if closed is None:
+            self._arm_timer()  # woke early: the deadline moved later
+            return
+        if closed.reason is DisconnectReason.CONNECT_TIMEOUT:
+            self._host.log_refused_connect(self, "", -1, "no CONNECT in time")
+        self._end(closed)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _log_refusal(self, what: str, topic: str) -> None:
+        self._refusals += 1
+        if self._refusals <= REFUSALS_LOGGED_PER_CONNECTION:
+            log.info("%s refused %s %s", self._name(), what, loggable(topic))
+            if self._refusals == REFUSALS_LOGGED_PER_CONNECTION:
+                log.info("%s: further refusals on this connection are not logged", self._name())
+
+    def _name(self) -> str:
+        return self.endpoint.id if self.endpoint is not None else "?"
