@@ -25,7 +25,7 @@ class FakeLink:
     """Records what the table asks of a link (this stands in for a network connection, not for our code)."""
 
     sent: list[tuple[str, bytes, int, int | None, bool]] = field(default_factory=list)
-    closed: list[str] = field(default_factory=list)
+    closed: list[DisconnectReason] = field(default_factory=list)
     accepts: bool = True
 
     def publish(self, topic: str, payload: bytes, qos: int, packet_id: int | None, dup: bool) -> bool:
@@ -33,7 +33,7 @@ class FakeLink:
             self.sent.append((topic, payload, qos, packet_id, dup))
         return self.accepts
 
-    def close(self, reason: str) -> None:
+    def close(self, reason: DisconnectReason) -> None:
         self.closed.append(reason)
 
 
@@ -258,7 +258,7 @@ def test_removal_closes_the_link_and_drops_the_queue(clock: Clock) -> None:
     endpoint, _ = table.connect("u", "o", "e1", 30, link := FakeLink(), False)
     table.deliver([endpoint], b"pending", 1)
     table.remove(endpoint, RemovalReason.UNREGISTERED)
-    assert link.closed == ["unregistered"] and endpoint.outbox is None and table.get("e1") is None
+    assert link.closed == [DisconnectReason.UNREGISTERED] and endpoint.outbox is None and table.get("e1") is None
     assert table.endpoints_of("o", "u") == []
     assert table.deliver([endpoint], b"late", 1).delivered == 0
 
@@ -312,3 +312,91 @@ def test_a_qos0_subscription_gets_qos1_events_at_qos0_and_nothing_waits_for_it(c
     table.deliver([endpoint], b"next", 1)
     assert [(topic, qos) for topic, _, qos, _, _ in link.sent[1:]] == [("users/endpoints/e1", 1), ("user/u/e1", 0)]
     assert len(endpoint.outbox) == 1  # waiting for the one QoS 1 copy
+
+
+# ------------------------------------------------ links never re-enter the table
+
+
+def test_a_link_detaches_after_close_returns_and_a_late_detach_changes_nothing(clock: Clock) -> None:
+    table = make_table(clock)
+    old, new = FakeLink(), FakeLink()
+    endpoint, _ = table.connect("u", "o", "e1", 30, old, True)
+    table.subscribe(endpoint, old, "users/endpoints/e1")
+    table.connect("u", "o", "e1", 30, new, True)
+    assert old.closed == [DisconnectReason.TAKEN_OVER] and endpoint.link is new
+    # The old link's connection_lost comes later, and must not touch the new link's state.
+    table.disconnect(endpoint, old, DisconnectReason.TAKEN_OVER)
+    assert endpoint.link is new and endpoint.link_keep_alive == 30
+    table.remove(endpoint, RemovalReason.UNREGISTERED)
+    assert new.closed == [DisconnectReason.UNREGISTERED]
+    table.disconnect(endpoint, new, DisconnectReason.UNREGISTERED)  # late detach of a removed endpoint
+    assert table.get("e1") is None and endpoint.link is None and len(table) == 0
+
+
+def test_expiry_closes_the_link_with_the_expired_reason(clock: Clock) -> None:
+    table = make_table(clock)
+    endpoint, _ = table.connect("u", "o", "e1", 2, link := FakeLink(), False)
+    advance(table, clock, 3.1)
+    assert table.get("e1") is None and link.closed == [DisconnectReason.EXPIRED]
+
+
+# ------------------------------------------------ keep-alive at the edges
+
+
+def test_an_attached_connection_with_a_longer_keep_alive_stretches_the_period(clock: Clock) -> None:
+    table = make_table(clock)
+    endpoint, _ = table.register("u", "o", "e1", 2, False)
+    table.connect("u", "o", "e1", 10, link := FakeLink(), False)
+    advance(table, clock, 9.9)
+    assert endpoint.state is EndpointState.HEALTHY and endpoint.keep_alive_seconds == 2  # the view keeps REST's
+    advance(table, clock, 0.2)
+    assert endpoint.state is EndpointState.SICK
+    advance(table, clock, 5.0)  # 1.5 x 10 s: MQTT's own limit
+    assert table.get("e1") is None and link.closed == [DisconnectReason.EXPIRED]
+
+
+def test_a_detached_endpoint_falls_back_to_its_own_period(clock: Clock) -> None:
+    table = make_table(clock)
+    endpoint, _ = table.register("u", "o", "e1", 2, False)
+    table.connect("u", "o", "e1", 10, link := FakeLink(), False)
+    table.disconnect(endpoint, link, DisconnectReason.DROPPED)
+    advance(table, clock, 2.1)
+    assert endpoint.state is EndpointState.SICK
+    advance(table, clock, 1.0)
+    assert table.get("e1") is None
+
+
+def test_keep_alive_zero_never_expires_while_connected_and_counts_from_the_drop(clock: Clock) -> None:
+    table = make_table(clock, default_mqtt_keep_alive_seconds=5)
+    endpoint, _ = table.connect("u", "o", "e1", 0, link := FakeLink(), False)
+    assert endpoint.keep_alive_seconds == 5
+    advance(table, clock, 100.0)
+    assert endpoint.state is EndpointState.HEALTHY and not link.closed and table.next_deadline() is None
+    table.disconnect(endpoint, link, DisconnectReason.DROPPED)
+    advance(table, clock, 4.9)
+    assert endpoint.state is EndpointState.HEALTHY  # the drop was its last sign of life
+    advance(table, clock, 0.2)
+    assert endpoint.state is EndpointState.SICK
+    advance(table, clock, 2.6)
+    assert table.get("e1") is None
+
+
+def test_a_blocking_unregister_refuses_connects_until_it_lapses_or_rest_registers(clock: Clock) -> None:
+    table = make_table(clock, unregister_block_seconds=30)
+    endpoint, _ = table.register("u", "o", "e1", 10, False)
+    table.remove(endpoint, RemovalReason.UNREGISTERED, block=True)
+    with pytest.raises(Forbidden):
+        table.connect("u", "o", "e1", 10, FakeLink(), False)
+    clock.now += 30.1
+    table.connect("u", "o", "e1", 10, link := FakeLink(), False)  # the block lapsed
+    table.remove(table.get("e1"), RemovalReason.UNREGISTERED, block=True)  # type: ignore[arg-type]
+    assert link.closed == [DisconnectReason.UNREGISTERED]
+    table.register("u", "o", "e1", 10, False)  # the app itself registers again: the block is lifted
+    table.connect("u", "o", "e1", 10, FakeLink(), False)
+
+
+def test_an_unblocked_unregister_lets_the_client_reconnect(clock: Clock) -> None:
+    table = make_table(clock)
+    endpoint, _ = table.register("u", "o", "e1", 10, False)
+    table.remove(endpoint, RemovalReason.UNREGISTERED)
+    table.connect("u", "o", "e1", 10, FakeLink(), False)
