@@ -335,7 +335,7 @@ def test_a_link_detaches_after_close_returns_and_a_late_detach_changes_nothing(c
 
 def test_expiry_closes_the_link_with_the_expired_reason(clock: Clock) -> None:
     table = make_table(clock)
-    endpoint, _ = table.connect("u", "o", "e1", 2, link := FakeLink(), False)
+    table.connect("u", "o", "e1", 2, link := FakeLink(), False)
     advance(table, clock, 3.1)
     assert table.get("e1") is None and link.closed == [DisconnectReason.EXPIRED]
 
