@@ -80,17 +80,21 @@ def _non_reader(service: ServiceProcess, endpoint_id: str, user: str, bearer: st
     return sock
 
 
-def test_taking_over_from_a_client_that_does_not_read_frees_its_socket(service: ServiceProcess, unique: str) -> None:
+def test_taking_over_from_a_client_that_does_not_read_frees_its_socket(
+        make_service: Callable[..., ServiceProcess], unique: str) -> None:
+    # A high unsent-bytes limit, so that megabytes wait in the server's buffer for each client.
+    service = make_service(env={"ENDPOINT_BROKER_MQTT_MAX_BUFFERED_BYTES": str(64 << 20)})
     user, endpoint_id = f"u-{unique}", f"e-{unique}"
     bearer = token(user)
     fds_before, rss_before = open_fds(service), rss_bytes(service)
-    big = event(blob="x" * 60_000)
+    body = {"userId": user, "event": event(blob="x" * 60_000)}
     stuck = []
-    for _ in range(6):
-        stuck.append(_non_reader(service, endpoint_id, user, bearer))
-        # About 1.2 MB the client never reads: most of it waits in the server's buffer.
-        for _ in range(20):
-            assert service.send_event(bearer, {"userId": user, "event": big}).status_code == 200
+    with service.http(bearer) as http:
+        for _ in range(4):
+            stuck.append(_non_reader(service, endpoint_id, user, bearer))
+            # About 7 MB the client never reads: more than the kernel's buffers take.
+            for _ in range(120):
+                assert http.post(f"{BASE}/sendEvent", json=body).status_code == 200
     with RawMqtt(service.mqtt_port) as last:
         assert last.connect(endpoint_id, user, bearer)[0] == 0
         # Every taken-over socket was aborted, unsent bytes and all: one connection is left.
