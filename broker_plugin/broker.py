@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+from collections.abc import Mapping
 from typing import Any, cast
 
 from amqtt.adapters import ReaderAdapter, WriterAdapter
@@ -79,8 +80,11 @@ class EndpointBroker(Broker):
         connect_timeout_seconds: float = 10.0,
         max_packet_bytes: int = 256 * 1024,
         max_buffered_bytes: int = 4 * 1024 * 1024,
+        listener_ssl: Mapping[str, ssl.SSLContext] | None = None,
     ) -> None:
         super().__init__(config)
+        # Listener name -> the caller's SSLContext, kept as is so that reloading it in place reaches new handshakes.
+        self.listener_ssl = dict(listener_ssl or {})
         plugins = [p for p in self.plugins_manager.plugins if isinstance(p, EndpointPlugin)]
         if len(plugins) != 1:
             raise ValueError("EndpointBroker needs exactly one EndpointPlugin in its plugins")
@@ -124,6 +128,7 @@ class EndpointBroker(Broker):
         if listener_type != ListenerType.TCP:
             return await super()._create_server_instance(listener_name, listener_type, address, port, ssl_context)
         host = address.strip("[]") if address else None
+        ssl_context = self.listener_ssl.get(listener_name, ssl_context)
         loop = asyncio.get_running_loop()
         return await loop.create_server(
             lambda: TcpMqttProtocol(self), host, port, reuse_address=True, ssl=ssl_context

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,12 +14,15 @@ from endpoint_core.service import EndpointService
 log = logging.getLogger("endpoint_broker.mqtt")
 
 WEBSOCKET_LISTENER = "ws"
+TLS_LISTENER = "tls"
 
 
 @dataclass(frozen=True, slots=True)
 class MqttSettings:
     host: str = "127.0.0.1"
-    port: int = 1883
+    port: int = 1883  # 0: no plain MQTT listener
+    tls_port: int = 8883
+    ssl_context: ssl.SSLContext | None = None  # None: no MQTT-over-TLS listener
     # Where the HTTP bridge serves MQTT over WebSocket; informational for amqtt.
     websocket_bind: str = "127.0.0.1:8080"
     connect_timeout_seconds: float = 10.0
@@ -43,11 +47,15 @@ class MqttRuntime:
 
     def broker_config(self) -> dict[str, Any]:
         s = self._settings
+        # amqtt requires a "default" listener; one without a bind address opens no socket.
+        listeners: dict[str, dict[str, Any]] = {
+            "default": {"type": "tcp", "bind": _bind(s.host, s.port) if s.port else None},
+            WEBSOCKET_LISTENER: {"type": "external", "bind": s.websocket_bind},
+        }
+        if s.ssl_context is not None:
+            listeners[TLS_LISTENER] = {"type": "tcp", "bind": _bind(s.host, s.tls_port)}
         return {
-            "listeners": {
-                "default": {"type": "tcp", "bind": _bind(s.host, s.port)},
-                WEBSOCKET_LISTENER: {"type": "external", "bind": s.websocket_bind},
-            },
+            "listeners": listeners,
             # Replaces amqtt's default plugins: no anonymous auth, no $SYS.
             "plugins": {
                 "broker_plugin.plugin.EndpointPlugin": {
@@ -65,9 +73,13 @@ class MqttRuntime:
             connect_timeout_seconds=s.connect_timeout_seconds,
             max_packet_bytes=s.max_packet_bytes,
             max_buffered_bytes=s.max_buffered_bytes,
+            listener_ssl={} if s.ssl_context is None else {TLS_LISTENER: s.ssl_context},
         )
         await self.broker.start()
-        log.info("MQTT broker listening on %s (TCP)", _bind(s.host, s.port))
+        if s.port:
+            log.info("MQTT broker listening on %s (TCP)", _bind(s.host, s.port))
+        if s.ssl_context is not None:
+            log.info("MQTT broker listening on %s (TLS)", _bind(s.host, s.tls_port))
 
     async def stop(self) -> None:
         if self.broker is not None and self.broker.transitions.state == "started":
