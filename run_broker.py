@@ -4,6 +4,7 @@
     python run_broker.py [--host H] [--mqtt-port P] [--http-port P] [--config FILE] [--log-level L]
                          [--tls-cert FILE --tls-key FILE [--mqtts-port P] [--tls-client-ca FILE]]
     python run_broker.py token --user U --org O [--role SERVICE] [--ttl SECONDS]
+    python run_broker.py genconfig > config.yaml
 
 With --tls-cert and --tls-key the HTTP port serves HTTPS (and wss:// at /ws) and MQTT over TLS
 listens on --mqtts-port; SIGHUP reloads the certificate and key.
@@ -23,6 +24,7 @@ import signal
 import ssl
 import sys
 from collections.abc import Coroutine, Sequence
+from importlib import resources
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -247,11 +249,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     token.add_argument("--role", action="append", help="a role in authorities, e.g. SERVICE (repeatable)")
     token.add_argument("--ttl", type=float, default=3600.0, metavar="SECONDS", help="lifetime (default 3600)")
     token.add_argument("--config", dest="token_config", metavar="FILE", help="YAML settings")
+    commands.add_parser("genconfig", help="print a YAML file of every setting with its default")
     return parser.parse_args(argv)
+
+
+def example_config() -> str:
+    """config/example.yaml: every setting, its default and what it means."""
+    return resources.files("config").joinpath("example.yaml").read_text()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.command == "genconfig":
+        print(example_config(), end="")
+        return 0
     overrides = {"host": args.host, "mqtt_port": args.mqtt_port, "http_port": args.http_port,
                  "log_level": args.log_level, "mqtts_port": args.mqtts_port, "tls_cert": args.tls_cert,
                  "tls_key": args.tls_key, "tls_client_ca": args.tls_client_ca}
