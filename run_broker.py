@@ -23,7 +23,7 @@ import shlex
 import signal
 import ssl
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from importlib import resources
 from pathlib import Path
 from types import FrameType
@@ -172,7 +172,7 @@ def serve(settings: Settings, tls: ServerTls | None) -> int:
     raise_file_limit()
     app = build_app(settings, tls)
 
-    def ssl_context(config: uvicorn.Config, default: Any) -> ssl.SSLContext:
+    def ssl_context(config: uvicorn.Config, default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
         # uvicorn's supported hook for a context of our own: the one SIGHUP reloads in place.
         assert tls is not None
         return tls.http

@@ -99,6 +99,8 @@ class Settings:
         if bool(self.tls_cert) != bool(self.tls_key):
             given, missing = ("tls_cert", "tls_key") if self.tls_cert else ("tls_key", "tls_cert")
             raise ConfigError(f"{given} is set but {missing} is not: give both the certificate and its key, or neither")
+        if self.tls and self.mqtts_port in (self.mqtt_port, self.http_port):
+            raise ConfigError(f"mqtts_port {self.mqtts_port} is already mqtt_port or http_port: each needs its own")
         if self.tls_client_ca and not self.tls:
             raise ConfigError("tls_client_ca needs tls_cert and tls_key: it applies to MQTT over TLS")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):

@@ -119,6 +119,8 @@ def test_a_client_ca_is_required_on_mqtt_only(ca: CertificateAuthority, tmp_path
     ({"ENDPOINT_BROKER_TLS_KEY": "k.pem"}, "tls_key is set but tls_cert is not"),
     ({"ENDPOINT_BROKER_TLS_CLIENT_CA": "ca.pem"}, "tls_client_ca needs tls_cert and tls_key"),
     ({"ENDPOINT_BROKER_MQTTS_PORT": "0"}, "mqtts_port"),
+    ({"ENDPOINT_BROKER_TLS_CERT": "c.pem", "ENDPOINT_BROKER_TLS_KEY": "k.pem", "ENDPOINT_BROKER_MQTTS_PORT": "1883"},
+     "mqtts_port 1883 is already mqtt_port or http_port"),
 ])
 def test_tls_settings_that_cannot_work_are_refused(environ: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
