@@ -237,3 +237,13 @@ def test_a_bad_key_file_stops_startup_with_status_2(ca: CertificateAuthority, tm
     )
     assert result.returncode == 2, result.stderr
     assert f"tls_key {files.key}" in result.stderr
+
+
+def test_sighup_without_tls_leaves_the_service_running(make_service: Callable[..., ServiceProcess]) -> None:
+    # systemctl reload sends SIGHUP whatever the settings; its default action would end the process.
+    service = make_service()
+    assert service.process is not None
+    service.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: "TLS is off, nothing to reload" in service.stderr())
+    assert service.process.poll() is None
+    assert service.health()["status"] == "ok"
