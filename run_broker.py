@@ -2,7 +2,12 @@
 """endpoint-broker: the MQTT broker and the HTTP bridge in one process, on one event loop.
 
     python run_broker.py [--host H] [--mqtt-port P] [--http-port P] [--config FILE] [--log-level L]
+                         [--tls-cert FILE --tls-key FILE [--mqtts-port P] [--tls-client-ca FILE]]
     python run_broker.py token --user U --org O [--role SERVICE] [--ttl SECONDS]
+    python run_broker.py genconfig > config.yaml
+
+With --tls-cert and --tls-key the HTTP port serves HTTPS (and wss:// at /ws) and MQTT over TLS
+listens on --mqtts-port; SIGHUP reloads the certificate and key.
 
 Every setting also has an environment variable (ENDPOINT_BROKER_<NAME>); see config/settings.py.
 """
@@ -15,8 +20,11 @@ import logging
 import os
 import secrets
 import shlex
+import signal
+import ssl
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from importlib import resources
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -27,6 +35,7 @@ from starlette.applications import Starlette
 from broker_plugin.runtime import MqttRuntime, MqttSettings
 from config import ConfigError, Settings, load_settings
 from config.log_output import configure_logging
+from config.tls import ServerTls, TlsFiles
 from endpoint_core.principals import ClaimNames, JwtVerifier, mint_token
 from endpoint_core.service import EndpointService
 from endpoint_core.table import EndpointTable
@@ -63,7 +72,7 @@ def build_verifier(settings: Settings, dev_secret: str | None) -> JwtVerifier:
         raise ConfigError(f"JWT settings: {exc}") from None
 
 
-def build_app(settings: Settings) -> Starlette:
+def build_app(settings: Settings, tls: ServerTls | None = None) -> Starlette:
     """Wire the domain core, the broker and the bridge together."""
     dev_secret = secrets.token_urlsafe(32) if settings.dev_mode else None
     verifier = build_verifier(settings, dev_secret)
@@ -74,12 +83,15 @@ def build_app(settings: Settings) -> Starlette:
         port=settings.mqtt_port,
         limits=settings.connection_limits(),
         max_pending_connects=settings.mqtt_max_pending_connects,
+        tls_port=settings.mqtts_port,
+        ssl_context=None if tls is None else tls.mqtt,
         client_publish_allow=tuple(settings.client_publish_allow),
     ))
 
     def on_started() -> None:
-        log.info("HTTP bridge on http://%s:%d, MQTT over WebSocket at ws://%s:%d/ws",
-                 settings.host, settings.http_port, settings.host, settings.http_port)
+        http, ws = ("https", "wss") if tls else ("http", "ws")
+        log.info("HTTP bridge on %s://%s:%d, MQTT over WebSocket at %s://%s:%d/ws",
+                 http, settings.host, settings.http_port, ws, settings.host, settings.http_port)
         if dev_secret is not None:
             print_dev_banner(settings, dev_secret)
 
@@ -90,7 +102,7 @@ def build_app(settings: Settings) -> Starlette:
 def print_dev_banner(settings: Settings, dev_secret: str) -> None:
     token = mint_token(dev_secret, user_id=DEV_USER, organization_id=DEV_ORG, ttl_seconds=DEV_TOKEN_TTL,
                        claims=claim_names(settings), issuer=settings.jwt_issuer, audience=settings.jwt_audience)
-    base = f"http://{settings.host}:{settings.http_port}"
+    base = f"{'https' if settings.tls else 'http'}://{settings.host}:{settings.http_port}"
     body = '{"keepAliveSeconds": 60}'
     log.warning("DEV MODE: no ENDPOINT_BROKER_JWT_SECRET or ENDPOINT_BROKER_JWT_PUBLIC_KEY_FILE is set; "
                 "tokens are checked against a random secret that dies with this process")
@@ -134,10 +146,35 @@ def raise_file_limit() -> None:
     log.info("open file limit: %s (about that many connections)", soft)
 
 
-def serve(settings: Settings) -> int:
+def load_tls(settings: Settings) -> ServerTls | None:
+    """The listeners' TLS contexts, or ConfigError naming the file that is missing, unreadable or wrong."""
+    if not (settings.tls_cert and settings.tls_key):
+        return None
+    return ServerTls(TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca))
+
+
+def reload_on_sighup(tls: ServerTls | None) -> None:
+    """SIGHUP (systemctl reload) reloads the certificate; without TLS it must not kill the process either."""
+
+    def reload() -> None:
+        if tls is None:
+            log.info("SIGHUP: TLS is off, nothing to reload")
+        else:
+            tls.reload()
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
+
+
+def serve(settings: Settings, tls: ServerTls | None) -> int:
     log.info("settings: %s", settings.redacted())
     raise_file_limit()
-    app = build_app(settings)
+    app = build_app(settings, tls)
+
+    def ssl_context(config: uvicorn.Config, default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+        # uvicorn's supported hook for a context of our own: the one SIGHUP reloads in place.
+        assert tls is not None
+        return tls.http
+
     server = Server(uvicorn.Config(
         app,
         host=settings.host,
@@ -151,8 +188,14 @@ def serve(settings: Settings) -> int:
         # No WebSocket pings: MQTT has its own keep-alive, and some MQTT clients (paho) answer
         # a ping with an unmasked frame, which the server must then treat as a protocol error.
         ws_ping_interval=None,
+        ssl_context_factory=None if tls is None else ssl_context,
     ))
-    run_event_loop(server.serve())
+
+    async def main() -> None:
+        reload_on_sighup(tls)
+        await server.serve()
+
+    run_event_loop(main())
     return 0 if server.started else 1
 
 
@@ -192,6 +235,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="HTTP bridge and MQTT over WebSocket at /ws (ENDPOINT_BROKER_HTTP_PORT, default 8080)")
     parser.add_argument("--config", metavar="FILE", help="YAML settings (ENDPOINT_BROKER_CONFIG)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING... (ENDPOINT_BROKER_LOG_LEVEL, default INFO)")
+    parser.add_argument("--tls-cert", metavar="FILE",
+                        help="PEM certificate chain; with --tls-key turns on HTTPS, wss:// and MQTT over TLS "
+                             "(ENDPOINT_BROKER_TLS_CERT)")
+    parser.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert (ENDPOINT_BROKER_TLS_KEY)")
+    parser.add_argument("--mqtts-port", type=int, help="MQTT over TLS (ENDPOINT_BROKER_MQTTS_PORT, default 8883)")
+    parser.add_argument("--tls-client-ca", metavar="FILE",
+                        help="PEM CA certificates; MQTT over TLS then requires a client certificate they signed "
+                             "(ENDPOINT_BROKER_TLS_CLIENT_CA)")
     commands = parser.add_subparsers(dest="command")
     token = commands.add_parser("token", help="mint a token with the configured HS256 secret")
     token.add_argument("--user", required=True, help="the userId claim")
@@ -199,19 +250,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     token.add_argument("--role", action="append", help="a role in authorities, e.g. SERVICE (repeatable)")
     token.add_argument("--ttl", type=float, default=3600.0, metavar="SECONDS", help="lifetime (default 3600)")
     token.add_argument("--config", dest="token_config", metavar="FILE", help="YAML settings")
+    commands.add_parser("genconfig", help="print a YAML file of every setting with its default")
     return parser.parse_args(argv)
+
+
+def example_config() -> str:
+    """config/example.yaml: every setting, its default and what it means."""
+    return resources.files("config").joinpath("example.yaml").read_text()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.command == "genconfig":
+        print(example_config(), end="")
+        return 0
     overrides = {"host": args.host, "mqtt_port": args.mqtt_port, "http_port": args.http_port,
-                 "log_level": args.log_level}
+                 "log_level": args.log_level, "mqtts_port": args.mqtts_port, "tls_cert": args.tls_cert,
+                 "tls_key": args.tls_key, "tls_client_ca": args.tls_client_ca}
     try:
         settings = load_settings(os.environ, getattr(args, "token_config", None) or args.config, overrides)
         if args.command == "token":
             return mint(settings, args)
+        tls = load_tls(settings)
         configure_logging(settings.log_level)
-        return serve(settings)
+        return serve(settings, tls)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2

@@ -3,8 +3,8 @@
 Precedence, lowest first: the defaults below, the YAML file (`--config FILE` or
 ENDPOINT_BROKER_CONFIG), the environment (ENDPOINT_BROKER_<FIELD NAME>), then
 command-line flags. Every field can be set in YAML (by its name) and in the
-environment; the flags are --host, --mqtt-port, --http-port, --config and
---log-level.
+environment; the flags are --host, --mqtt-port, --http-port, --mqtts-port,
+--tls-cert, --tls-key, --tls-client-ca, --config and --log-level.
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ class ConfigError(ValueError):
 class Settings:
     # Where to listen. Loopback by default: exposing the service is a deliberate choice.
     host: str = "127.0.0.1"
-    mqtt_port: int = 1883
+    mqtt_port: int = 1883  # 0: no plain MQTT listener
     http_port: int = 8080
+    mqtts_port: int = 8883
     log_level: str = "INFO"
 
     # Token verification. With neither a secret nor a public key, dev mode.
@@ -67,6 +68,12 @@ class Settings:
     max_endpoints_per_user: int = _POLICY.max_endpoints_per_user
     unregister_block_seconds: float = _POLICY.unregister_block_seconds
 
+    # TLS: with a certificate and its key, HTTPS (and wss://) on http_port and MQTT over TLS on mqtts_port.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    # A CA whose client certificates MQTT over TLS then requires.
+    tls_client_ca: str | None = None
+
     # HTTP.
     max_body_bytes: int = 64 * 1024
     # One log line per request; off by default because it costs more than the request.
@@ -84,6 +91,10 @@ class Settings:
     mqtt_max_pending_connects: int = 1000
 
     @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert and self.tls_key)
+
+    @property
     def dev_mode(self) -> bool:
         return not self.jwt_secret and not self.jwt_public_key_file
 
@@ -92,6 +103,15 @@ class Settings:
             port = getattr(self, name)
             if not 0 <= port <= 65535:
                 raise ConfigError(f"{name} must be a port number, got {port}")
+        if not 1 <= self.mqtts_port <= 65535:
+            raise ConfigError(f"mqtts_port must be a port number from 1, got {self.mqtts_port}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            given, missing = ("tls_cert", "tls_key") if self.tls_cert else ("tls_key", "tls_cert")
+            raise ConfigError(f"{given} is set but {missing} is not: give both the certificate and its key, or neither")
+        if self.tls and self.mqtts_port in (self.mqtt_port, self.http_port):
+            raise ConfigError(f"mqtts_port {self.mqtts_port} is already mqtt_port or http_port: each needs its own")
+        if self.tls_client_ca and not self.tls:
+            raise ConfigError("tls_client_ca needs tls_cert and tls_key: it applies to MQTT over TLS")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigError(f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {self.log_level!r}")
         if self.jwt_algorithms is not None and any(a.lower() == "none" for a in self.jwt_algorithms):

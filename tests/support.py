@@ -14,6 +14,7 @@ import os
 import queue
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -37,6 +38,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def listening_ports(pid: int) -> set[int]:
+    """The TCP ports a process listens on (Linux /proc): its socket inodes matched to LISTEN rows."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        for row in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            columns = row.split()
+            if columns[3] == "0A" and columns[9] in inodes:  # 0A: TCP_LISTEN
+                ports.add(int(columns[1].rsplit(":", 1)[1], 16))
+    return ports
 
 
 def token(user: str, org: str | None = "org-a", *, roles: tuple[str, ...] = ("ROLE_USER",),
@@ -75,10 +93,12 @@ class ServiceProcess:
     args: list[str] = field(default_factory=list)
     secret: str | None = SECRET
     soft_file_limit: int | None = None  # start the process with this soft RLIMIT_NOFILE
+    tls: ssl.SSLContext | None = None  # the client context for a service started with TLS: HTTPS then
 
     def __post_init__(self) -> None:
         self.mqtt_port = free_port()
         self.http_port = free_port()
+        self.mqtts_port = free_port()
         self._dir = tempfile.TemporaryDirectory(prefix="endpoint-broker-test-")
         self.stdout_path = Path(self._dir.name) / "stdout.log"
         self.stderr_path = Path(self._dir.name) / "stderr.log"
@@ -86,7 +106,7 @@ class ServiceProcess:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.http_port}"
 
     def start(self, wait: bool = True) -> ServiceProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("ENDPOINT_BROKER_")}
@@ -94,7 +114,8 @@ class ServiceProcess:
             env["ENDPOINT_BROKER_JWT_SECRET"] = self.secret
         env.update(self.env)
         command = [sys.executable, str(ROOT / "run_broker.py"), "--host", "127.0.0.1",
-                   "--mqtt-port", str(self.mqtt_port), "--http-port", str(self.http_port), *self.args]
+                   "--mqtt-port", str(self.mqtt_port), "--http-port", str(self.http_port),
+                   "--mqtts-port", str(self.mqtts_port), *self.args]
         self.process = subprocess.Popen(
             command, cwd=ROOT, env=env,
             stdout=self.stdout_path.open("wb"), stderr=self.stderr_path.open("wb"),
@@ -117,7 +138,7 @@ class ServiceProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"service exited with {self.process.returncode}:\n{self.stderr()}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.base_url + "/healthz", timeout=1).status_code == 200:
+                if httpx.get(self.base_url + "/healthz", timeout=1, verify=self.tls or True).status_code == 200:
                     return
             time.sleep(0.05)
         raise RuntimeError(f"service not ready in {timeout}s:\n{self.stderr()}")
@@ -146,10 +167,10 @@ class ServiceProcess:
 
     def http(self, bearer: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {bearer}"} if bearer else {}
-        return httpx.Client(base_url=self.base_url, headers=headers, timeout=10)
+        return httpx.Client(base_url=self.base_url, headers=headers, timeout=10, verify=self.tls or True)
 
     def health(self) -> dict[str, Any]:
-        result: dict[str, Any] = httpx.get(self.base_url + "/healthz", timeout=5).json()
+        result: dict[str, Any] = httpx.get(self.base_url + "/healthz", timeout=5, verify=self.tls or True).json()
         return result
 
     # ---------------------------------------------------------- shortcuts
@@ -371,7 +392,8 @@ class PahoClient:
     """paho-mqtt with its network loop in a thread, and queues to wait on."""
 
     def __init__(self, client_id: str, *, username: str, password: str, port: int,
-                 websocket: bool = False, keep_alive: int = 60, clean_session: bool = True) -> None:
+                 websocket: bool = False, keep_alive: int = 60, clean_session: bool = True,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.connacks: queue.Queue[int] = queue.Queue()
         self.subacks: queue.Queue[list[int]] = queue.Queue()
         self.messages: queue.Queue[paho.MQTTMessage] = queue.Queue()
@@ -382,6 +404,8 @@ class PahoClient:
         )
         if websocket:
             self.client.ws_set_options(path="/ws")
+        if tls is not None:
+            self.client.tls_set_context(tls)
         self.client.username_pw_set(username, password)
         self.client.on_connect = lambda c, u, flags, rc, props: self.connacks.put(int(rc.value))
         self.client.on_subscribe = lambda c, u, mid, rcs, props: self.subacks.put([int(r.value) for r in rcs])
@@ -423,8 +447,9 @@ class PahoClient:
 @contextlib.contextmanager
 def paho_client(service: ServiceProcess, client_id: str, user: str, bearer: str,
                 **options: Any) -> Iterator[PahoClient]:
-    client = PahoClient(client_id, username=user, password=bearer,
-                        port=service.http_port if options.get("websocket") else service.mqtt_port, **options)
+    port = service.http_port if options.get("websocket") else service.mqtts_port if options.get("tls") \
+        else service.mqtt_port
+    client = PahoClient(client_id, username=user, password=bearer, port=port, **options)
     try:
         yield client
     finally:
