@@ -161,7 +161,7 @@ class MqttConnection:
         """Call at or after `next_deadline()`: closes the connection when its deadline has passed."""
         if self.phase is Phase.CLOSED or self._deadline is None or now < self._deadline:
             return None
-        if self.phase is Phase.AWAITING_CONNECT:
+        if self.phase is not Phase.CONNECTED:  # the connect timeout, also while a CONNECT is decided
             return self._close(DisconnectReason.CONNECT_TIMEOUT)
         return self._close(DisconnectReason.TOKEN_EXPIRED)
 
@@ -216,8 +216,8 @@ class MqttConnection:
         if awaiting_connect:
             if buffer and buffer[0] >> 4 != codec.CONNECT:
                 raise ProtocolViolation("the first packet must be CONNECT")
-            if len(buffer) > limits.max_connect_bytes:
-                raise ProtocolViolation(f"over {limits.max_connect_bytes} bytes before CONNECT")
+        # Before CONNECT, read_frame refuses a declared length over max_connect_bytes before the
+        # body arrives, so an unauthenticated socket never buffers more than that.
         max_body = limits.max_connect_bytes if awaiting_connect else limits.max_packet_bytes
         frame = codec.read_frame(buffer, 0, max_body)
         if frame is None:
