@@ -139,8 +139,13 @@ def idempotency_params(change: PutIdempotency) -> Params:
 
 
 # Spelled out, column lists included: no SQL is built from strings at run time.
-PUT_ENDPOINT = ("INSERT OR REPLACE INTO endpoints (id, user_id, organization_id, keep_alive_seconds, reminder_on, "
-                "origin, version, persistent_session, subscriptions) VALUES (?,?,?,?,?,?,?,?,?)")
+# An upsert that keeps the row (and its rowid): endpoints load in the order they first registered.
+PUT_ENDPOINT = ("INSERT INTO endpoints (id, user_id, organization_id, keep_alive_seconds, reminder_on, origin, "
+                "version, persistent_session, subscriptions) VALUES (?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT (id) DO UPDATE SET user_id = excluded.user_id, "
+                "organization_id = excluded.organization_id, keep_alive_seconds = excluded.keep_alive_seconds, "
+                "reminder_on = excluded.reminder_on, origin = excluded.origin, version = excluded.version, "
+                "persistent_session = excluded.persistent_session, subscriptions = excluded.subscriptions")
 SELECT_ENDPOINTS = ("SELECT id, user_id, organization_id, keep_alive_seconds, reminder_on, origin, version, "
                     "persistent_session, subscriptions FROM endpoints ORDER BY rowid")
 PUT_IDEMPOTENCY = ("INSERT OR REPLACE INTO idempotency (scope, key, body_digest, status, count, expires_at) "
@@ -149,7 +154,7 @@ SELECT_IDEMPOTENCY = ("SELECT scope, key, body_digest, status, count, expires_at
                       "WHERE expires_at > ?")
 
 # Per kind of change, its statements in order, each with the function that makes its parameters.
-# Puts replace: a change applied twice (it cannot be today, a failed batch is rolled back
+# Puts overwrite: a change applied twice (it cannot be today, a failed batch is rolled back
 # whole) must not wedge the writer on a constraint error.
 STATEMENTS: dict[type, tuple[tuple[str, Callable[[Any], Params]], ...]] = {
     PutEndpoint: ((PUT_ENDPOINT, endpoint_params),),
