@@ -26,6 +26,7 @@ import os
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -95,13 +96,19 @@ def configure_writer(connection: sqlite3.Connection, path: Path, synchronous: Sy
         connection.execute(f"PRAGMA max_page_count={max(1, max_bytes // page_size):d}")
 
 
-def open_database(path: Path, synchronous: Synchronous, max_bytes: int) -> sqlite3.Connection:
-    """The writer's connection, configured and migrated. StoreFileError if the file cannot be used."""
+def open_database(path: Path, synchronous: Synchronous, max_bytes: int, create: bool = True) -> sqlite3.Connection:
+    """The writer's connection, configured and migrated. StoreFileError if the file cannot be used.
+
+    `create=False` (reopening after an I/O error) never makes a new file: if ours is gone, an
+    empty store in its place would hide the loss behind successful commits.
+    """
     try:
-        create_private_file(path)
+        if create:
+            create_private_file(path)
         # Autocommit mode: the writer issues BEGIN and COMMIT itself. The connection moves to
         # the writer thread after load(), and is only ever used under a lock.
-        connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        connection = sqlite3.connect(f"file:{urllib.parse.quote(str(path))}?mode=rw", uri=True,
+                                     isolation_level=None, check_same_thread=False)
     except (OSError, sqlite3.Error) as error:
         raise StoreFileError(f"{path}: cannot open the store: {error}") from error
     try:
@@ -383,7 +390,7 @@ class SqliteStore:
 
     def _writer_connection(self) -> sqlite3.Connection:
         if self._connection is None:
-            self._connection = open_database(self.path, self._synchronous, self._max_bytes)
+            self._connection = open_database(self.path, self._synchronous, self._max_bytes, create=False)
         return self._connection
 
     def _commit_succeeded(self, newest: int, rows: int, seconds: float) -> None:

@@ -31,6 +31,7 @@ from endpoint_core.journal import (
 )
 from store import DATABASE_FILE, SCHEMA_VERSION, MemoryStore, SqliteStore, StoreFileError, StoreVersionError
 from store.schema import migrate, schema_version
+from store.sqlite import open_database
 
 POLL_TIMEOUT = 20.0  # generous: the machine is shared
 
@@ -374,6 +375,21 @@ def test_a_file_that_is_not_sqlite_is_refused(path: Path) -> None:
     path.write_bytes(b"certainly not a database" * 100)
     with pytest.raises(StoreFileError, match=str(path)):
         SqliteStore(path)
+
+
+def test_reopening_never_creates_a_new_empty_file(path: Path) -> None:
+    # After an I/O error the writer reopens its file; if the file is gone, that must fail, not start over.
+    with pytest.raises(StoreFileError, match=str(path)):
+        open_database(path, "full", 0, create=False)
+    assert not path.exists()
+
+
+async def test_a_path_with_uri_characters_works(tmp_path: Path, open_store: Callable[..., SqliteStore]) -> None:
+    path = tmp_path / "data dir?x=1#y%20" / DATABASE_FILE
+    path.parent.mkdir()
+    store = open_store(path)
+    await commit(store, [PutEndpoint(endpoint("e"))])
+    assert raw_rows(path, "SELECT id FROM endpoints") == [("e",)]
 
 
 @pytest.mark.parametrize(("synchronous", "level"), [("full", 2), ("normal", 1)])
