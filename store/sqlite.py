@@ -254,6 +254,7 @@ class SqliteStore:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()  # (sequence number, future), in order
         self._committed = 0  # the newest sequence number a commit reported
+        self._closing: asyncio.Future[None] | None = None
         self._closed = False
 
         self._writer: threading.Thread | None = None
@@ -309,11 +310,17 @@ class SqliteStore:
         return self._stats
 
     async def close(self) -> None:
-        """Commit what is queued (retrying for at most `close_timeout` seconds if commits fail), then stop."""
-        if self._closed:
-            return
-        self._closed = True
+        """Commit what is queued (retrying for at most `close_timeout` seconds if commits fail), then stop.
+
+        Waiters keep working while it drains; a second call waits for the first.
+        """
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
         await asyncio.to_thread(self._shut_down, self._close_timeout)
+        self._closed = True
         # The writer's last reports ran before this (call_soon_threadsafe is FIFO); whoever still
         # waits, waits for changes that never committed.
         self._fail_waiters(None, "the store closed before these changes were committed")

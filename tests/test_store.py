@@ -248,6 +248,31 @@ async def test_close_commits_what_is_queued(path: Path, open_store: Callable[...
     assert store.stats.pending_rows == 0
 
 
+async def test_a_waiter_during_close_gets_its_commit(path: Path, open_store: Callable[..., SqliteStore]) -> None:
+    # The drain commits the journal while the last requests still wait: they must see the commit, not a failure.
+    store = open_store(path)
+    store.append([PutEndpoint(endpoint("e"))])
+    closing = asyncio.create_task(store.close())
+    await asyncio.sleep(0)  # close() has begun
+
+    await store.committed()
+    await closing
+
+    assert raw_rows(path, "SELECT id FROM endpoints") == [("e",)]
+
+
+async def test_a_second_close_waits_for_the_first(path: Path, open_store: Callable[..., SqliteStore]) -> None:
+    store = open_store(path)
+    store.append([PutEndpoint(endpoint("e"))])
+    first = asyncio.create_task(store.close())
+    await asyncio.sleep(0)
+
+    await store.close()
+
+    assert first.done()
+    assert store.stats.pending_rows == 0
+
+
 async def test_changes_appended_before_start_commit_once_started(path: Path,
                                                                  open_store: Callable[..., SqliteStore]) -> None:
     store = open_store(path, start=False)
