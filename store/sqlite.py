@@ -78,6 +78,17 @@ def create_private_file(path: Path) -> None:
         return
     try:
         os.fchmod(descriptor, 0o600)  # whatever the umask
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+    sync_directory(path.parent)
+
+
+def sync_directory(directory: Path) -> None:
+    """Make a new file's directory entry durable: SQLite syncs the directory of its WAL, not of the main file."""
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
     finally:
         os.close(descriptor)
 

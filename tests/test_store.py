@@ -31,7 +31,7 @@ from endpoint_core.journal import (
 )
 from store import DATABASE_FILE, SCHEMA_VERSION, MemoryStore, SqliteStore, StoreFileError, StoreVersionError
 from store.schema import migrate, schema_version
-from store.sqlite import open_database
+from store.sqlite import create_private_file, open_database
 
 POLL_TIMEOUT = 20.0  # generous: the machine is shared
 
@@ -444,6 +444,21 @@ async def test_the_file_is_private(path: Path, open_store: Callable[..., SqliteS
         os.umask(old_umask)
     for name in (path, Path(f"{path}-wal")):
         assert name.stat().st_mode & 0o777 == 0o600, name
+
+
+def test_creating_the_file_syncs_its_directory(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without it a crash soon after the first start could lose the whole file's directory entry.
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(descriptor: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    create_private_file(path)
+
+    assert synced == [str(path), str(path.parent)]
 
 
 async def test_the_checkpoint_thread_empties_the_wal(path: Path, open_store: Callable[..., SqliteStore]) -> None:
