@@ -1,0 +1,43 @@
+"""The `memory` store: nothing survives a restart, every commit is done at once (today's behaviour)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from endpoint_core.journal import Change, Snapshot, StoreStats
+
+
+class MemoryStore:
+    """A Store that keeps nothing: for tests, and for deployments that accept losing state on restart."""
+
+    def __init__(self) -> None:
+        self._stats = StoreStats()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def load(self) -> Snapshot:
+        return Snapshot()
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def append(self, changes: Sequence[Change]) -> None:
+        # Dropped on purpose: the table in memory is the only copy.
+        pass
+
+    def committed(self) -> asyncio.Future[None]:
+        # Already done, so an adapter awaiting it answers without yielding to the loop.
+        future: asyncio.Future[None] = (self._loop or asyncio.get_running_loop()).create_future()
+        future.set_result(None)
+        return future
+
+    @property
+    def healthy(self) -> bool:
+        return True
+
+    @property
+    def stats(self) -> StoreStats:
+        return self._stats
+
+    async def close(self) -> None:
+        pass
