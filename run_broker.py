@@ -36,10 +36,13 @@ from broker_plugin.runtime import MqttRuntime, MqttSettings
 from config import ConfigError, Settings, load_settings
 from config.log_output import configure_logging
 from config.tls import ServerTls, TlsFiles
+from endpoint_core.idempotency import IdempotencyKeys
+from endpoint_core.journal import Store
 from endpoint_core.principals import ClaimNames, JwtVerifier, mint_token
 from endpoint_core.service import EndpointService
 from endpoint_core.table import EndpointTable
 from http_bridge.app import create_app
+from store import DATABASE_FILE, MemoryStore, SqliteStore, StoreFileError
 
 log = logging.getLogger("endpoint_broker")
 
@@ -72,12 +75,53 @@ def build_verifier(settings: Settings, dev_secret: str | None) -> JwtVerifier:
         raise ConfigError(f"JWT settings: {exc}") from None
 
 
+DEV_SECRET_FILE = "dev-secret"  # noqa: S105 - a file name
+
+
+def data_dir(settings: Settings) -> Path:
+    """The data directory, created owner-only (0700) when it does not exist."""
+    path = Path(settings.data_dir)
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"data_dir {settings.data_dir!r} cannot be created: {exc.strerror}") from None
+    return path
+
+
+def open_store(settings: Settings) -> Store:
+    if settings.store == "memory":
+        return MemoryStore()
+    try:
+        return SqliteStore(data_dir(settings) / DATABASE_FILE, settings.store_synchronous,  # type: ignore[arg-type]
+                           settings.store_max_bytes)
+    except StoreFileError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def dev_secret_of(settings: Settings) -> str:
+    """Dev mode's random secret: kept in the data dir (0600), so printed tokens outlive a restart."""
+    if settings.store == "memory":
+        return secrets.token_urlsafe(32)
+    path = data_dir(settings) / DEV_SECRET_FILE
+    if path.exists():
+        return path.read_text().strip()
+    secret = secrets.token_urlsafe(32)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(secret + "\n")
+    return secret
+
+
 def build_app(settings: Settings, tls: ServerTls | None = None) -> Starlette:
-    """Wire the domain core, the broker and the bridge together."""
-    dev_secret = secrets.token_urlsafe(32) if settings.dev_mode else None
+    """Wire the domain core, the store, the broker and the bridge together."""
+    dev_secret = dev_secret_of(settings) if settings.dev_mode else None
     verifier = build_verifier(settings, dev_secret)
-    table = EndpointTable(settings.table_policy())
-    service = EndpointService(table, verifier)
+    store = open_store(settings)
+    snapshot = store.load()
+    table = EndpointTable(settings.table_policy(), journal=store)
+    idempotency = IdempotencyKeys(settings.idempotency_window_seconds)
+    idempotency.restore(snapshot.idempotency)
+    service = EndpointService(table, verifier, store, idempotency)
     mqtt = MqttRuntime(service, MqttSettings(
         host=settings.host,
         port=settings.mqtt_port,
@@ -88,6 +132,13 @@ def build_app(settings: Settings, tls: ServerTls | None = None) -> Starlette:
         client_publish_allow=tuple(settings.client_publish_allow),
     ))
 
+    def on_starting() -> None:
+        # Restored just before the listeners open: a restored endpoint's period runs from here.
+        table.restore(snapshot)
+        if snapshot.endpoints:
+            log.info("restored %d endpoint(s) and %d queued event(s) from %s", len(snapshot.endpoints),
+                     sum(len(events) for events in snapshot.events.values()), settings.data_dir)
+
     def on_started() -> None:
         http, ws = ("https", "wss") if tls else ("http", "ws")
         log.info("HTTP bridge on %s://%s:%d, MQTT over WebSocket at %s://%s:%d/ws",
@@ -95,8 +146,9 @@ def build_app(settings: Settings, tls: ServerTls | None = None) -> Starlette:
         if dev_secret is not None:
             print_dev_banner(settings, dev_secret)
 
-    return create_app(service, mqtt, max_body_bytes=settings.max_body_bytes,
-                      cors_allow_origins=settings.cors_allow_origins, on_started=on_started)
+    return create_app(service, mqtt, store, max_body_bytes=settings.max_body_bytes,
+                      cors_allow_origins=settings.cors_allow_origins, on_starting=on_starting,
+                      on_started=on_started)
 
 
 def print_dev_banner(settings: Settings, dev_secret: str) -> None:
@@ -182,7 +234,9 @@ def serve(settings: Settings, tls: ServerTls | None) -> int:
         lifespan="on",
         log_config=None,
         access_log=settings.http_access_log,
-        timeout_graceful_shutdown=5,
+        # SIGTERM: stop accepting, finish the requests in flight, then the lifespan commits the
+        # journal and closes MQTT connections (http_bridge.app), all within this bound.
+        timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout_seconds)),
         # A WebSocket message carries MQTT packets: cap it like a TCP packet, not at uvicorn's 16 MiB.
         ws_max_size=settings.mqtt_max_packet_bytes + 1024,
         # No WebSocket pings: MQTT has its own keep-alive, and some MQTT clients (paho) answer
@@ -235,6 +289,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="HTTP bridge and MQTT over WebSocket at /ws (ENDPOINT_BROKER_HTTP_PORT, default 8080)")
     parser.add_argument("--config", metavar="FILE", help="YAML settings (ENDPOINT_BROKER_CONFIG)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING... (ENDPOINT_BROKER_LOG_LEVEL, default INFO)")
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help="where the store keeps its file (ENDPOINT_BROKER_DATA_DIR, default data)")
+    parser.add_argument("--store", choices=("sqlite", "memory"),
+                        help="sqlite (durable, the default) or memory (ENDPOINT_BROKER_STORE)")
     parser.add_argument("--tls-cert", metavar="FILE",
                         help="PEM certificate chain; with --tls-key turns on HTTPS, wss:// and MQTT over TLS "
                              "(ENDPOINT_BROKER_TLS_CERT)")
@@ -266,7 +324,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     overrides = {"host": args.host, "mqtt_port": args.mqtt_port, "http_port": args.http_port,
                  "log_level": args.log_level, "mqtts_port": args.mqtts_port, "tls_cert": args.tls_cert,
-                 "tls_key": args.tls_key, "tls_client_ca": args.tls_client_ca}
+                 "tls_key": args.tls_key, "tls_client_ca": args.tls_client_ca, "data_dir": args.data_dir,
+                 "store": args.store}
     try:
         settings = load_settings(os.environ, getattr(args, "token_config", None) or args.config, overrides)
         if args.command == "token":

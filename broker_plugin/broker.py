@@ -115,6 +115,14 @@ class EndpointBroker(Broker):
     def call_later(self, delay: float, callback: Callable[[], None]) -> asyncio.TimerHandle:
         return asyncio.get_running_loop().call_later(delay, callback)
 
+    def committed(self) -> asyncio.Future[None]:
+        store = self.plugin.service.store
+        if store is not None:
+            return store.committed()
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
     def connect_settled(self, link: MqttLink) -> None:
         self.pending_connects -= 1
 

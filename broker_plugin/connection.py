@@ -118,7 +118,7 @@ class Phase(enum.Enum):
 
 class MqttConnection:
     __slots__ = ("_buffer", "_deadline", "_limits", "_outgoing", "_pending_close", "bytes_received",
-                 "bytes_sent", "phase")
+                 "bytes_sent", "held", "phase")
 
     def __init__(self, limits: ConnectionLimits, now: float) -> None:
         self._limits = limits
@@ -131,6 +131,9 @@ class MqttConnection:
         self._pending_close: Closed | None = None
         self.bytes_received = 0
         self.bytes_sent = 0
+        # While held, no event comes out: the caller is still answering the last one (a SUBACK
+        # that waits for its subscriptions to be stored), and the answers must keep their order.
+        self.held = False
 
     @property
     def closed(self) -> bool:
@@ -150,7 +153,7 @@ class MqttConnection:
         if self._pending_close is not None:
             event, self._pending_close = self._pending_close, None
             return event
-        if self.phase in (Phase.CLOSED, Phase.DECIDING_CONNECT):
+        if self.held or self.phase in (Phase.CLOSED, Phase.DECIDING_CONNECT):
             return None
         try:
             return self._parse_one()
@@ -213,9 +216,8 @@ class MqttConnection:
     def _parse_one(self) -> Event | None:
         buffer, limits = self._buffer, self._limits
         awaiting_connect = self.phase is Phase.AWAITING_CONNECT
-        if awaiting_connect:
-            if buffer and buffer[0] >> 4 != codec.CONNECT:
-                raise ProtocolViolation("the first packet must be CONNECT")
+        if awaiting_connect and buffer and buffer[0] >> 4 != codec.CONNECT:
+            raise ProtocolViolation("the first packet must be CONNECT")
         # Before CONNECT, read_frame refuses a declared length over max_connect_bytes before the
         # body arrives, so an unauthenticated socket never buffers more than that.
         max_body = limits.max_connect_bytes if awaiting_connect else limits.max_packet_bytes

@@ -13,6 +13,7 @@ only in `connection_lost`, which the transport calls later, as its own loop call
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -35,9 +36,7 @@ from endpoint_core.endpoint import DisconnectReason, UserEndpoint
 from endpoint_core.logtext import loggable
 
 if TYPE_CHECKING:
-    import asyncio
-
-    from broker_plugin.plugin import EndpointPlugin
+    from broker_plugin.plugin import ConnectVerdict, EndpointPlugin
     from endpoint_core.table import EndpointTable
 
 log = logging.getLogger("endpoint_broker.mqtt")
@@ -88,6 +87,10 @@ class LinkHost(Protocol):
 
     def log_refused_connect(self, link: MqttLink, client_id: str, code: int, reason: str) -> None: ...
 
+    def committed(self) -> asyncio.Future[None]:
+        """Done once everything journalled so far is stored; failed if it could not be."""
+        ...
+
 
 class MqttLink:
     __slots__ = ("__weakref__", "_connection", "_corked", "_ended", "_host", "_refusals", "_timer",
@@ -115,8 +118,12 @@ class MqttLink:
     # ----------------------------------------------------------- transport side
 
     def data_received(self, data: bytes) -> None:
+        self._connection.receive_data(data)
+        self._process()
+
+    def _process(self) -> None:
+        """Handle every event the buffered bytes hold, then send the answers in one write."""
         connection = self._connection
-        connection.receive_data(data)
         self._corked = True
         try:
             while (event := connection.next_event()) is not None:
@@ -214,7 +221,16 @@ class MqttLink:
             self._connection.refuse(verdict.code, verdict.reason)
             return
         assert verdict.endpoint is not None and verdict.principal is not None
+        # Attached now, so that however the connection ends from here, it detaches.
         self.endpoint = verdict.endpoint
+        # CONNACK 0 only once a registration this CONNECT made is stored.
+        self._after_commit(lambda stored: self._answer_connect(verdict, stored))
+
+    def _answer_connect(self, verdict: ConnectVerdict, stored: bool) -> None:
+        assert verdict.endpoint is not None and verdict.principal is not None
+        if not stored:
+            self._connection.refuse(codec.SERVER_UNAVAILABLE, "the registration could not be stored")
+            return
         # The connection lives until the token's `exp` (Unix time), counted on the host's clock.
         expires_at = self._host.clock() + (verdict.principal.expires_at - time.time())
         self._connection.accept(verdict.session_present, expires_at)
@@ -232,9 +248,37 @@ class MqttLink:
             if code == codec.SUBACK_FAILURE:
                 self._log_refusal("subscription to", topic)
             codes.append(code)
+        if endpoint.persistent_session:
+            # A clean_session=0 session's subscriptions are stored before its SUBACK.
+            self._connection.held = True
+            self._after_commit(lambda stored: self._answer_subscribe(request, endpoint, codes, stored))
+        else:
+            self._answer_subscribe(request, endpoint, codes, True)
+
+    def _answer_subscribe(self, request: SubscribeRequest, endpoint: UserEndpoint, codes: list[int],
+                          stored: bool) -> None:
+        self._connection.held = False
+        if not stored:
+            # MQTT 3.1.1 has no "try later" in a SUBACK: refuse, so the client does not count on them.
+            codes = [codec.SUBACK_FAILURE] * len(codes)
         self._connection.send_suback(request.packet_id, codes)
         if any(code != codec.SUBACK_FAILURE for code in codes):
             self._host.table.flush(endpoint, self)
+
+    def _after_commit(self, answer: Callable[[bool], None]) -> None:
+        """Call `answer(stored)` once everything journalled so far is committed: at once when it is."""
+        committed = self._host.committed()
+        if committed.done():
+            answer(committed.exception() is None)
+            return
+
+        def resume(future: asyncio.Future[None]) -> None:
+            if self._ended:
+                return
+            answer(not future.cancelled() and future.exception() is None)
+            self._process()  # what arrived meanwhile waited behind the answer
+
+        committed.add_done_callback(resume)
 
     # ----------------------------------------------------------------- helpers
 

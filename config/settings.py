@@ -74,6 +74,15 @@ class Settings:
     # A CA whose client certificates MQTT over TLS then requires.
     tls_client_ca: str | None = None
 
+    # Durability (README "Storage"): an embedded SQLite file in data_dir, or nothing kept (memory).
+    data_dir: str = "data"
+    store: str = "sqlite"
+    store_synchronous: str = "full"
+    store_max_bytes: int = 0  # 0: no bound but the disk's
+    idempotency_window_seconds: float = 300.0
+    # SIGTERM/SIGINT: the drain (requests in flight, the journal, MQTT connections) takes at most this.
+    shutdown_timeout_seconds: float = 10.0
+
     # HTTP.
     max_body_bytes: int = 64 * 1024
     # One log line per request; off by default because it costs more than the request.
@@ -123,7 +132,14 @@ class Settings:
         # Two topic forms per event, and QoS 1 packet ids are 16 bits: keep them from running out.
         if not 1 <= self.queue_max_events <= 30_000 or self.queue_max_bytes < 1:
             raise ConfigError("queue_max_events must be from 1 to 30000, and queue_max_bytes positive")
-        for name in ("ack_timeout_seconds", "connect_timeout_seconds", "unregister_block_seconds"):
+        if self.store not in ("sqlite", "memory"):
+            raise ConfigError(f"store must be sqlite or memory, got {self.store!r}")
+        if self.store_synchronous not in ("full", "normal"):
+            raise ConfigError(f"store_synchronous must be full or normal, got {self.store_synchronous!r}")
+        if self.store_max_bytes < 0:
+            raise ConfigError("store_max_bytes must not be negative")
+        for name in ("ack_timeout_seconds", "connect_timeout_seconds", "unregister_block_seconds",
+                     "idempotency_window_seconds", "shutdown_timeout_seconds"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         for name in ("expiry_grace_ratio", "min_expiry_grace_seconds", "jwt_leeway_seconds"):

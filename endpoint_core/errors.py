@@ -48,6 +48,13 @@ class Conflict(DomainError):
     title = "Conflict"
 
 
+class Unprocessable(DomainError):
+    """Well-formed, but in conflict with an earlier request (HTTP 422): an idempotency key reused
+    with another body."""
+
+    title = "Unprocessable request"
+
+
 class Unavailable(DomainError):
     """Nothing could take the request right now, e.g. every target queue is full (HTTP 503)."""
 

@@ -17,6 +17,7 @@ MAX_PACKET_ID = 65535
 @dataclass(slots=True, eq=False)
 class PendingEvent:
     payload: bytes
+    seq: int = 0  # the table's number for it, which names it in the store
     # PUBLISHes sent on the current link and not yet acknowledged: packet id -> topic.
     unacked: dict[int, str] = field(default_factory=dict)
     sent_at: float | None = None  # None: not yet sent on the current link
@@ -43,12 +44,16 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._pending)
 
-    def offer(self, payload: bytes) -> PendingEvent | None:
-        """Queue an event, or return None when the queue is full."""
+    def offer(self, payload: bytes, seq: int = 0, sends: int = 0) -> PendingEvent | None:
+        """Queue an event, or return None when the queue is full.
+
+        `sends` > 0 marks an event that may have been sent before (restored after a restart),
+        so that it goes out with DUP.
+        """
         size = len(payload)
         if len(self._pending) >= self.max_count or self._bytes + size > self.max_bytes:
             return None
-        event = PendingEvent(payload)
+        event = PendingEvent(payload, seq, sends=sends)
         self._pending[id(event)] = event
         self._unsent.append(event)
         self._bytes += size
@@ -58,14 +63,20 @@ class Outbox:
         """The oldest event not yet sent on the current link."""
         return self._unsent[0] if self._unsent else None
 
-    def mark_sent(self, event: PendingEvent, now: float) -> None:
-        """`event`, the oldest unsent one, has just been sent on the current link."""
+    def mark_sent(self, event: PendingEvent, now: float) -> bool:
+        """`event`, the oldest unsent one, has just been sent on the current link.
+
+        True when that completed it: every copy went out at QoS 0, so nothing will
+        acknowledge it, and it left the outbox.
+        """
         assert self._unsent[0] is event
         self._unsent.popleft()
         event.sends += 1
         event.sent_at = now
-        if not event.unacked:  # every copy went out at QoS 0: nothing will acknowledge it
-            self._remove(event)
+        if event.unacked:
+            return False
+        self._remove(event)
+        return True
 
     def mark_resent(self, event: PendingEvent, now: float) -> None:
         """`event`'s unacknowledged PUBLISHes have just been sent again (DUP)."""
@@ -94,16 +105,16 @@ class Outbox:
         event.unacked[packet_id] = topic
         self._by_packet[packet_id] = event
 
-    def acknowledge(self, packet_id: int) -> bool:
-        """Handle a PUBACK. True when it completed an event, which then leaves the outbox."""
+    def acknowledge(self, packet_id: int) -> PendingEvent | None:
+        """Handle a PUBACK. Returns the event it completed, which then left the outbox."""
         event = self._by_packet.pop(packet_id, None)
         if event is None:
-            return False
+            return None
         event.unacked.pop(packet_id, None)
         if event.unacked:
-            return False
+            return None
         self._remove(event)
-        return True
+        return event
 
     def _remove(self, event: PendingEvent) -> None:
         if self._pending.pop(id(event), None) is not None:

@@ -46,8 +46,10 @@ class Principal:
     is_service: bool
     expires_at: float  # the token's `exp`, in Unix seconds
 
-    def owns(self, user_id: str, organization_id: str) -> bool:
-        return self.user_id == user_id and self.organization_id == organization_id
+    @property
+    def scope(self) -> str:
+        """Who the caller is, as one string: per user in an organisation, or per SERVICE client."""
+        return f"service:{self.user_id}" if self.is_service else f"user:{self.organization_id}/{self.user_id}"
 
 
 class TokenVerifier(Protocol):

@@ -18,9 +18,11 @@ from typing import Any
 import orjson
 
 from endpoint_core.endpoint import EndpointLink, RemovalReason, UserEndpoint, endpoint_id_of_topic
-from endpoint_core.errors import Forbidden, InvalidInput, NotAuthenticated, NotFound, Unavailable
+from endpoint_core.errors import DomainError, Forbidden, InvalidInput, NotAuthenticated, NotFound, Unavailable
 from endpoint_core.events import masked, parse_send_event
+from endpoint_core.idempotency import IdempotencyKeys, KeyState, body_digest
 from endpoint_core.ids import require_endpoint_id
+from endpoint_core.journal import PutIdempotency, Store, StoreUnavailable
 from endpoint_core.logtext import loggable
 from endpoint_core.principals import Principal, TokenVerifier
 from endpoint_core.table import EndpointTable
@@ -30,9 +32,24 @@ event_log = logging.getLogger("endpoint_broker.events")
 
 
 class EndpointService:
-    def __init__(self, table: EndpointTable, verifier: TokenVerifier) -> None:
+    def __init__(self, table: EndpointTable, verifier: TokenVerifier, store: Store | None = None,
+                 idempotency: IdempotencyKeys | None = None) -> None:
         self.table = table
         self.verifier = verifier
+        self.store = store
+        self.idempotency = idempotency or IdempotencyKeys(300.0)
+
+    # ---------------------------------------------------------- durability
+
+    async def committed(self) -> None:
+        """Wait until every change made so far is on disk; 503 (Unavailable) if it cannot be."""
+        if self.store is None:
+            return
+        future = self.store.committed()
+        try:
+            await future if not future.done() else future.result()
+        except StoreUnavailable as exc:
+            raise Unavailable(f"the change could not be stored: {exc}") from None
 
     # ---------------------------------------------------------- identity
 
@@ -103,7 +120,48 @@ class EndpointService:
         ]
 
     def send_event(self, principal: Principal, body: object) -> int:
-        """Deliver an event to one or all endpoints of a user. Returns how many took it."""
+        """Deliver an event to one or all endpoints of a user. Returns how many took it.
+
+        QoS 1 events are journalled; `send_event_durably` answers once they are stored.
+        """
+        return self._send_event(principal, body)[0]
+
+    async def send_event_durably(self, principal: Principal, body: object, idempotency_key: str | None) -> int:
+        """sendEvent as the REST route answers it: after its QoS 1 events (and its key) are on disk.
+
+        With an idempotency key, a retry gets the first answer and delivers nothing again
+        (see endpoint_core.idempotency).
+        """
+        if idempotency_key is None:
+            count, journalled = self._send_event(principal, body)
+            if journalled:
+                await self.committed()
+            return count
+        keys, scope = self.idempotency, principal.scope
+        prior = keys.begin(scope, idempotency_key, body_digest(body))
+        if prior is not None:
+            if prior.state is KeyState.UNCOMMITTED:
+                await self.committed()
+                keys.settle(scope, idempotency_key, committed=True)
+            return prior.count
+        try:
+            count, _ = self._send_event(principal, body)
+        except DomainError:
+            keys.forget(scope, idempotency_key)
+            raise
+        record = keys.record(scope, idempotency_key, 200, count)
+        if self.store is not None:
+            self.store.append((PutIdempotency(record),))  # in the same commit as the events
+        try:
+            await self.committed()
+        except Unavailable:
+            keys.settle(scope, idempotency_key, committed=False)
+            raise
+        keys.settle(scope, idempotency_key, committed=True)
+        return count
+
+    def _send_event(self, principal: Principal, body: object) -> tuple[int, bool]:
+        """(endpoints that took the event, whether any of them journalled it)."""
         command = parse_send_event(_object(body))
         organization_id = self._target_organization(principal, command.organization_id)
         if command.endpoint_id is not None:
@@ -145,7 +203,7 @@ class EndpointService:
             raise Unavailable(
                 "no targeted endpoint could take the event: their queues are full", "userEndpointId"
             )
-        return report.delivered
+        return report.delivered, command.qos == 1 and report.delivered > 0
 
     # ------------------------------------------------------------ MQTT
 

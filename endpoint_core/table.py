@@ -14,6 +14,11 @@ arrive in:
   link that is no longer the endpoint's. So no method here needs defensive
   copies or a particular order of its own steps to stay correct.
 
+Every change a restart must see goes to the journal (endpoint_core.journal) from
+`_journal_endpoint`, `_journal_removal` and the event helpers, called inside the
+transitions themselves, so no path can change that state without recording it.
+Restored endpoints come back UNKNOWN, with their version up by one.
+
 While an MQTT connection is attached, the endpoint lives at least as long as
 MQTT's own rule would keep that connection (1.5 x its keep-alive): its period is
 the longer of `keepAliveSeconds` and the connection's keep-alive, and a
@@ -35,8 +40,9 @@ import heapq
 import itertools
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from cachetools import TTLCache
 
@@ -51,6 +57,16 @@ from endpoint_core.endpoint import (
 )
 from endpoint_core.errors import Conflict, Forbidden, InvalidInput
 from endpoint_core.ids import new_endpoint_id, require_endpoint_id
+from endpoint_core.journal import (
+    Change,
+    DeleteEndpoint,
+    DeleteEvent,
+    EndpointRecord,
+    PutEndpoint,
+    PutEvent,
+    Snapshot,
+    StoredEvent,
+)
 from endpoint_core.outbox import Outbox, PendingEvent
 from endpoint_core.reminders import keepalive_reminder
 
@@ -83,10 +99,24 @@ class DeliveryReport:
     full: list[str] = field(default_factory=list)  # endpoints whose queue could not take it
 
 
+class Journal(Protocol):
+    """Where the table records changes (endpoint_core.journal.Store.append)."""
+
+    def append(self, changes: Sequence[Change]) -> None: ...
+
+
+class _NoJournal:
+    def append(self, changes: Sequence[Change]) -> None:
+        pass
+
+
 class EndpointTable:
-    def __init__(self, policy: TablePolicy | None = None, clock: Clock = monotonic) -> None:
+    def __init__(self, policy: TablePolicy | None = None, clock: Clock = monotonic,
+                 journal: Journal | None = None) -> None:
         self.policy = policy or TablePolicy()
         self._clock = clock
+        self._journal: Journal = journal or _NoJournal()
+        self._event_seq = itertools.count(1)
         self._by_id: dict[str, UserEndpoint] = {}
         self._by_owner: dict[tuple[str, str], dict[str, UserEndpoint]] = {}
         self._heap: list[tuple[float, int, UserEndpoint]] = []
@@ -144,6 +174,7 @@ class EndpointTable:
         endpoint.version += 1
         self._keepalive(endpoint, now)
         self._arm(endpoint, now)
+        self._journal_endpoint(endpoint)
         return endpoint, False
 
     def keepalive(self, endpoint: UserEndpoint) -> None:
@@ -182,6 +213,7 @@ class EndpointTable:
         endpoint.outbox = None
         endpoint.subscriptions = {}
         link, endpoint.link, endpoint.link_keep_alive = endpoint.link, None, None
+        self._journal.append((DeleteEndpoint(endpoint.id),))
         log.info("endpoint %s removed: %s%s", endpoint.id, reason, f" ({detail})" if detail else "")
         if link is not None:
             link.close(DisconnectReason.EXPIRED if reason is RemovalReason.EXPIRED else DisconnectReason.UNREGISTERED)
@@ -225,13 +257,17 @@ class EndpointTable:
             if endpoint.origin is Origin.MQTT and endpoint.keep_alive_seconds != keep_alive:
                 endpoint.keep_alive_seconds = keep_alive
                 endpoint.version += 1
+                self._journal_endpoint(endpoint)
             self._keepalive(endpoint, now)
         previous, endpoint.link, endpoint.link_keep_alive = endpoint.link, link, mqtt_keep_alive
         self._arm(endpoint, now)
         session_present = persistent_session and endpoint.persistent_session and bool(endpoint.subscriptions)
+        stored_session = endpoint.persistent_session and bool(endpoint.subscriptions)
         if not session_present:
             endpoint.subscriptions = {}
         endpoint.persistent_session = persistent_session
+        if stored_session and not session_present:
+            self._journal_endpoint(endpoint)  # the stored session is gone
         if endpoint.outbox is not None:
             endpoint.outbox.link_lost(keep_packet_ids=session_present)
         if previous is not None and previous is not link:
@@ -264,12 +300,16 @@ class EndpointTable:
         if endpoint.link is not link or not endpoint.owns_topic(topic_filter):
             return None
         granted = min(qos, 1)
-        endpoint.subscriptions[topic_filter] = granted
+        if endpoint.subscriptions.get(topic_filter) != granted:
+            endpoint.subscriptions[topic_filter] = granted
+            if endpoint.persistent_session:
+                self._journal_endpoint(endpoint)
         return granted
 
     def unsubscribe(self, endpoint: UserEndpoint, link: EndpointLink, topic_filter: str) -> None:
-        if endpoint.link is link:
-            endpoint.subscriptions.pop(topic_filter, None)
+        if endpoint.link is link and endpoint.subscriptions.pop(topic_filter, None) is not None \
+                and endpoint.persistent_session:
+            self._journal_endpoint(endpoint)
 
     def flush(self, endpoint: UserEndpoint, link: EndpointLink) -> None:
         """Send queued events once the link can take them (after SUBACK, or CONNACK with a session)."""
@@ -278,7 +318,9 @@ class EndpointTable:
 
     def acknowledge(self, endpoint: UserEndpoint, link: EndpointLink, packet_id: int) -> None:
         if endpoint.link is link and endpoint.outbox is not None:
-            endpoint.outbox.acknowledge(packet_id)
+            done = endpoint.outbox.acknowledge(packet_id)
+            if done is not None:
+                self._journal.append((DeleteEvent(endpoint.id, done.seq),))
 
     # -------------------------------------------------------------- delivery
 
@@ -292,9 +334,11 @@ class EndpointTable:
             if qos == 1:
                 if endpoint.outbox is None:
                     endpoint.outbox = Outbox(self.policy.queue_max_events, self.policy.queue_max_bytes)
-                if endpoint.outbox.offer(payload) is None:
+                seq = next(self._event_seq)
+                if endpoint.outbox.offer(payload, seq) is None:
                     report.full.append(endpoint.id)
                     continue
+                self._journal.append((PutEvent(StoredEvent(endpoint.id, seq, payload)),))
                 report.delivered += 1
                 self._flush(endpoint, now)
             elif self._publish_once(endpoint, payload):
@@ -323,7 +367,8 @@ class EndpointTable:
         while (event := outbox.next_unsent()) is not None:
             if not self._send(link, outbox, event, endpoint.subscriptions):
                 break
-            outbox.mark_sent(event, now)  # done at once if no subscription awaits a PUBACK
+            if outbox.mark_sent(event, now):  # done at once if no subscription awaits a PUBACK
+                self._journal.append((DeleteEvent(endpoint.id, event.seq),))
             sent_any = True
         if sent_any:
             self._arm_at(endpoint, now + self.policy.ack_timeout_seconds)
@@ -418,6 +463,7 @@ class EndpointTable:
             if endpoint.state is not EndpointState.SICK:
                 endpoint.state = EndpointState.SICK
                 endpoint.version += 1
+                self._journal_endpoint(endpoint)
                 log.info("endpoint %s is SICK: no keepalive for %ss", endpoint.id, self._period(endpoint))
         elif (
             endpoint.server_keep_alive_reminder_on
@@ -496,6 +542,7 @@ class EndpointTable:
         self._by_id[endpoint_id] = endpoint
         self._by_owner.setdefault(owner, {})[endpoint_id] = endpoint
         self._arm(endpoint, now)
+        self._journal_endpoint(endpoint)
         return endpoint
 
     def _keepalive(self, endpoint: UserEndpoint, now: float) -> None:
@@ -504,6 +551,52 @@ class EndpointTable:
         if endpoint.state is not EndpointState.HEALTHY:
             endpoint.state = EndpointState.HEALTHY
             endpoint.version += 1
+            self._journal_endpoint(endpoint)
+
+    # --------------------------------------------------------------- journal
+
+    def _journal_endpoint(self, endpoint: UserEndpoint) -> None:
+        """Record the endpoint as a restart must see it (not its state or deadline: those restart)."""
+        self._journal.append((PutEndpoint(EndpointRecord(
+            id=endpoint.id,
+            user_id=endpoint.user_id,
+            organization_id=endpoint.organization_id,
+            keep_alive_seconds=endpoint.keep_alive_seconds,
+            reminder_on=endpoint.server_keep_alive_reminder_on,
+            origin=endpoint.origin.value,
+            version=endpoint.version,
+            persistent_session=endpoint.persistent_session,
+            subscriptions=tuple(endpoint.subscriptions.items()) if endpoint.persistent_session else (),
+        )),))
+
+    def restore(self, snapshot: Snapshot) -> None:
+        """Load what a store kept, before anything else happens (see the module docstring).
+
+        Every endpoint comes back UNKNOWN with its version up by one, and a full period
+        from now before it turns SICK. Its queued events come back in order, marked as
+        possibly sent, so that they go out with DUP.
+        """
+        now = self._clock()
+        last_seq = 0
+        for record in snapshot.endpoints:
+            endpoint = UserEndpoint(record.id, record.user_id, record.organization_id, record.keep_alive_seconds,
+                                    record.reminder_on, Origin(record.origin), now,
+                                    state=EndpointState.UNKNOWN, version=record.version + 1,
+                                    persistent_session=record.persistent_session,
+                                    subscriptions=dict(record.subscriptions))
+            events = snapshot.events.get(record.id, [])
+            if events:
+                # Restored in full, even past a bound lowered since: nothing accepted is lost.
+                endpoint.outbox = Outbox(max(self.policy.queue_max_events, len(events)),
+                                         max(self.policy.queue_max_bytes, sum(len(e.payload) for e in events)))
+                for stored in events:
+                    endpoint.outbox.offer(stored.payload, stored.seq, sends=1)
+                last_seq = max(last_seq, events[-1].seq)
+            self._by_id[record.id] = endpoint
+            self._by_owner.setdefault((record.organization_id, record.user_id), {})[record.id] = endpoint
+            self._arm(endpoint, now)
+            self._journal_endpoint(endpoint)
+        self._event_seq = itertools.count(last_seq + 1)
 
     def _check_keep_alive(self, keep_alive_seconds: int) -> None:
         maximum = self.policy.max_keep_alive_seconds

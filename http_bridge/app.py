@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
@@ -13,6 +14,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from endpoint_core.errors import DomainError
 from endpoint_core.expiry import ExpiryDriver
+from endpoint_core.journal import Store
 from endpoint_core.service import EndpointService
 from http_bridge.commands import CommandRoutes
 from http_bridge.problems import domain_error, http_error, unexpected_error
@@ -39,15 +41,22 @@ class MqttHost(Protocol):
 def create_app(
     service: EndpointService,
     mqtt: MqttHost,
+    store: Store,
     *,
     max_body_bytes: int = 64 * 1024,
     cors_allow_origins: Sequence[str] = (),
+    on_starting: Callable[[], None] | None = None,
     on_started: Callable[[], None] | None = None,
 ) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        # The broker lives inside the lifespan so that uvicorn's SIGTERM/SIGINT
-        # handling shuts it down cleanly with the bridge.
+        # The broker and the store live inside the lifespan, so that uvicorn's SIGTERM/SIGINT
+        # handling drains them with the bridge: uvicorn stops accepting and finishes the requests
+        # in flight first, then this closes the MQTT connections and commits the journal last
+        # (closing connections can journal changes too).
+        store.start(asyncio.get_running_loop())
+        if on_starting is not None:
+            on_starting()
         await mqtt.start()
         expiry = ExpiryDriver(service.table)
         expiry.start()
@@ -58,6 +67,7 @@ def create_app(
         finally:
             expiry.stop()
             await mqtt.stop()
+            await store.close()
 
     middleware: list[Middleware] = []
     if cors_allow_origins:
@@ -83,5 +93,6 @@ def create_app(
     )
     app.state.service = service
     app.state.mqtt = mqtt
+    app.state.store = store
     app.state.max_body_bytes = max_body_bytes
     return app

@@ -12,12 +12,14 @@ the Starlette routes use.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from endpoint_core.errors import DomainError
+from endpoint_core.idempotency import HEADERS as IDEMPOTENCY_HEADERS
+from endpoint_core.idempotency import require_key
 from endpoint_core.principals import Principal
 from endpoint_core.service import EndpointService
 from http_bridge import websocket
@@ -27,32 +29,51 @@ from http_bridge.requests import check_declared_length, check_length, parse_json
 PREFIX = "/rtc-api/users/endpoints"
 JSON = b"application/json"
 
-# A command: (service, caller, parsed body) -> (status, JSON body or None for 204).
-Command = Callable[[EndpointService, Principal, object], tuple[int, bytes | None]]
+# A command: (service, caller, parsed body, request headers) -> (status, JSON body or None for 204).
+# Each answers only once what it changed is stored, where the contract promises that.
+Command = Callable[[EndpointService, Principal, object, dict[bytes, bytes]], Awaitable[tuple[int, bytes | None]]]
 
 
-def register(service: EndpointService, principal: Principal, body: object) -> tuple[int, bytes | None]:
+async def register(service: EndpointService, principal: Principal, body: object,
+                   headers: dict[bytes, bytes]) -> tuple[int, bytes | None]:
     """RegisterUserEndpointWebCommand: the answer is the id as a JSON string."""
-    return 200, orjson.dumps(service.register(principal, body).id)
+    endpoint = service.register(principal, body)
+    await service.committed()
+    return 200, orjson.dumps(endpoint.id)
 
 
-def register_ios(service: EndpointService, principal: Principal, body: object) -> tuple[int, bytes | None]:
+async def register_ios(service: EndpointService, principal: Principal, body: object,
+                       headers: dict[bytes, bytes]) -> tuple[int, bytes | None]:
     """The iOS variant: `{"id": ...}`. Its documented query parameters are ignored."""
-    return 200, orjson.dumps({"id": service.register(principal, body).id})
+    endpoint = service.register(principal, body)
+    await service.committed()
+    return 200, orjson.dumps({"id": endpoint.id})
 
 
-def keepalive(service: EndpointService, principal: Principal, body: object) -> tuple[int, bytes | None]:
-    service.keepalive(principal, body)
+async def keepalive(service: EndpointService, principal: Principal, body: object,
+                    headers: dict[bytes, bytes]) -> tuple[int, bytes | None]:
+    service.keepalive(principal, body)  # keepalives are never stored: a restart gives a fresh deadline
     return 204, None
 
 
-def unregister(service: EndpointService, principal: Principal, body: object) -> tuple[int, bytes | None]:
+async def unregister(service: EndpointService, principal: Principal, body: object,
+                     headers: dict[bytes, bytes]) -> tuple[int, bytes | None]:
     service.unregister(principal, body)
+    await service.committed()
     return 204, None
 
 
-def send_event(service: EndpointService, principal: Principal, body: object) -> tuple[int, bytes | None]:
-    return 200, orjson.dumps(service.send_event(principal, body))
+async def send_event(service: EndpointService, principal: Principal, body: object,
+                     headers: dict[bytes, bytes]) -> tuple[int, bytes | None]:
+    return 200, orjson.dumps(await service.send_event_durably(principal, body, idempotency_key_of(headers)))
+
+
+def idempotency_key_of(headers: dict[bytes, bytes]) -> str | None:
+    for header in IDEMPOTENCY_HEADERS:
+        value = headers.get(header.lower().encode())
+        if value is not None:
+            return require_key(value.decode("latin-1"), header)
+    return None
 
 
 COMMANDS: dict[str, Command] = {
@@ -79,7 +100,7 @@ class CommandEndpoint:
             body = await _read_body(receive, _text(headers.get(b"content-length")), state.max_body_bytes)
             if body is None:
                 return  # the client went away
-            status, payload = self.command(service, principal, parse_json(body))
+            status, payload = await self.command(service, principal, parse_json(body), headers)
         except DomainError as error:
             status = status_of(error)
             await _respond(send, status, problem_body(status, error.title, error.detail, error.field),

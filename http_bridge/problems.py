@@ -18,6 +18,7 @@ from endpoint_core.errors import (
     NotAuthenticated,
     NotFound,
     Unavailable,
+    Unprocessable,
 )
 
 log = logging.getLogger("endpoint_broker.http")
@@ -36,6 +37,7 @@ STATUS_OF: dict[type[DomainError], int] = {
     NotFound: 404,
     Conflict: 409,
     PayloadTooLarge: 413,
+    Unprocessable: 422,
     Unavailable: 503,
 }
 

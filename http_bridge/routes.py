@@ -42,13 +42,16 @@ async def get_endpoint(request: Request) -> Response:
 
 
 async def healthz(request: Request) -> Response:
-    """200 once the broker and the bridge accept connections, with a few gauges for operators."""
-    mqtt = request.app.state.mqtt
+    """200 once the broker and the bridge accept connections, with the store's health and a few gauges."""
+    mqtt, store = request.app.state.mqtt, request.app.state.store
     if mqtt.ready:
+        # A failing store degrades the service (QoS 1, registrations answer 503) but does not
+        # stop it: QoS 0 events and keepalives go on, so this stays a 200 that says so.
         return json_response({
-            "status": "ok",
+            "status": "ok" if store.healthy else "degraded",
             "mqtt": True,
             "http": True,
+            "store": "ok" if store.healthy else "failing",
             "endpoints": len(service_of(request).table),
             **mqtt.stats(),
         })

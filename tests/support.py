@@ -102,6 +102,8 @@ class ServiceProcess:
         self._dir = tempfile.TemporaryDirectory(prefix="endpoint-broker-test-")
         self.stdout_path = Path(self._dir.name) / "stdout.log"
         self.stderr_path = Path(self._dir.name) / "stderr.log"
+        # Each service its own data dir, kept across restart() (ENDPOINT_BROKER_DATA_DIR in env wins).
+        self.data_dir = Path(self._dir.name) / "data"
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -112,18 +114,25 @@ class ServiceProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("ENDPOINT_BROKER_")}
         if self.secret is not None:
             env["ENDPOINT_BROKER_JWT_SECRET"] = self.secret
+        env["ENDPOINT_BROKER_DATA_DIR"] = str(self.data_dir)
         env.update(self.env)
         command = [sys.executable, str(ROOT / "run_broker.py"), "--host", "127.0.0.1",
                    "--mqtt-port", str(self.mqtt_port), "--http-port", str(self.http_port),
                    "--mqtts-port", str(self.mqtts_port), *self.args]
+        # Appended, so that the log of a restarted service holds every run.
         self.process = subprocess.Popen(
             command, cwd=ROOT, env=env,
-            stdout=self.stdout_path.open("wb"), stderr=self.stderr_path.open("wb"),
+            stdout=self.stdout_path.open("ab"), stderr=self.stderr_path.open("ab"),
             preexec_fn=self._lower_file_limit if self.soft_file_limit else None,  # noqa: PLW1509
         )
         if wait:
             self.wait_ready()
         return self
+
+    def restart(self, sig: int = signal.SIGTERM) -> ServiceProcess:
+        """Stop (SIGTERM, or SIGKILL for a crash) and start again on the same ports and data dir."""
+        self.stop(sig)
+        return self.start()
 
     def _lower_file_limit(self) -> None:
         import resource
