@@ -194,7 +194,7 @@ def test_the_reminder_flag_is_optional(endpoint_service: EndpointService, flag: 
     assert endpoint_service.register(user("alice"), body).server_keep_alive_reminder_on is stored
 
 
-@pytest.mark.parametrize("body", [[1, 2], "text", None, 5, True, [{"keepAliveSeconds": 30}]])
+@pytest.mark.parametrize("body", [[1, 2], "text", None, 5, True, [{"keepAliveSeconds": 30}], [event()]])
 def test_a_body_that_is_not_a_json_object_is_refused_by_every_command(
     endpoint_service: EndpointService, body: object
 ) -> None:
