@@ -255,11 +255,15 @@ OPERATIONS = ["get", "keepalive", "unregister"]
 @pytest.mark.parametrize("operation", OPERATIONS)
 @pytest.mark.parametrize("caller", [user("owner"), service_caller(), service_caller("org-elsewhere")])
 def test_the_owner_and_a_service_may_act_on_an_endpoint(
-    endpoint_service: EndpointService, operation: str, caller: Principal
+    endpoint_service: EndpointService, clock: FakeClock, operation: str, caller: Principal
 ) -> None:
     endpoint = register(endpoint_service, user("owner"), "e1")
+    clock.now += 5
+    if operation == "get":
+        assert endpoint_service.get(caller, "e1") is endpoint
     call(endpoint_service, operation, caller, "e1")
     assert endpoint.removed is (operation == "unregister")
+    assert endpoint.last_keepalive == (clock.now if operation == "keepalive" else clock.now - 5)
 
 
 @pytest.mark.parametrize("operation", OPERATIONS)
@@ -268,12 +272,14 @@ def test_the_owner_and_a_service_may_act_on_an_endpoint(
     (user("owner", "org-b"), NotFound),  # same user name, another organisation: as if it did not exist
 ])
 def test_other_users_get_403_and_other_organisations_404(
-    endpoint_service: EndpointService, operation: str, caller: Principal, error: type[DomainError]
+    endpoint_service: EndpointService, clock: FakeClock, operation: str, caller: Principal,
+    error: type[DomainError],
 ) -> None:
     endpoint = register(endpoint_service, user("owner"), "e1")
-    endpoint.version = 7
+    registered_at = clock.now
+    clock.now += 5
     assert refused(error, call, endpoint_service, operation, caller, "e1") == "userEndpointId"
-    assert not endpoint.removed and endpoint.version == 7
+    assert not endpoint.removed and endpoint.last_keepalive == registered_at
 
 
 @pytest.mark.parametrize("operation", OPERATIONS)
