@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from endpoint_core.endpoint import DisconnectReason
+
 
 class FakeClock:
     """The table's monotonic clock, moved by hand."""
@@ -20,7 +22,7 @@ class FakeLink:
     """Records what the core asks of an MQTT connection (a stand-in for the network, not for our code)."""
 
     sent: list[tuple[str, bytes, int, int | None, bool]] = field(default_factory=list)
-    closed: list[str] = field(default_factory=list)
+    closed: list[DisconnectReason] = field(default_factory=list)
     accepts: bool = True  # False: the connection can no longer carry a PUBLISH
 
     def publish(self, topic: str, payload: bytes, qos: int, packet_id: int | None, dup: bool) -> bool:
@@ -28,7 +30,7 @@ class FakeLink:
             self.sent.append((topic, payload, qos, packet_id, dup))
         return self.accepts
 
-    def close(self, reason: str) -> None:
+    def close(self, reason: DisconnectReason) -> None:
         self.closed.append(reason)
 
     @property

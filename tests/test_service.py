@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 import pytest
 
-from endpoint_core.endpoint import EndpointState, UserEndpoint
+from endpoint_core.endpoint import DisconnectReason, EndpointState, UserEndpoint
 from endpoint_core.errors import Conflict, DomainError, Forbidden, InvalidInput, NotAuthenticated, NotFound, Unavailable
 from endpoint_core.principals import JwtVerifier, Principal
 from endpoint_core.service import EndpointService
@@ -301,12 +301,16 @@ def test_other_organisations_look_exactly_like_unknown_ids(endpoint_service: End
 # ---------------------------------------------------------------- unregister
 
 
-def test_unregister_removes_the_endpoint_and_closes_its_connection(endpoint_service: EndpointService) -> None:
+def test_unregister_removes_the_endpoint_and_closes_its_connection(
+    endpoint_service: EndpointService, caplog: pytest.LogCaptureFixture
+) -> None:
     alice = user("alice")
     register(endpoint_service, alice, "e1")
     _, link = connect(endpoint_service, alice, "e1")
-    endpoint_service.unregister(alice, {"userEndpointId": "e1", "reason": "User logout"})
-    assert link.closed == ["unregistered: 'User logout'"]
+    with caplog.at_level(logging.INFO, "endpoint_broker.table"):
+        endpoint_service.unregister(alice, {"userEndpointId": "e1", "reason": "User logout"})
+    assert link.closed == [DisconnectReason.UNREGISTERED]
+    assert "endpoint e1 removed: unregistered ('User logout')" in caplog.text
     assert refused(NotFound, endpoint_service.get, alice, "e1") == "userEndpointId"
     assert refused(NotFound, endpoint_service.unregister, alice, {"userEndpointId": "e1"}) == "userEndpointId"
 
@@ -318,7 +322,26 @@ def test_the_unregister_reason_is_optional(endpoint_service: EndpointService) ->
         register(endpoint_service, alice, "e1")
         _, link = connect(endpoint_service, alice, "e1")
         endpoint_service.unregister(alice, body)
-        assert link.closed == ["unregistered"]
+        assert link.closed == [DisconnectReason.UNREGISTERED]
+
+
+@pytest.mark.parametrize("block", ["yes", 1, [True]])
+def test_the_unregister_block_flag_must_be_a_boolean(endpoint_service: EndpointService, block: object) -> None:
+    alice = user("alice")
+    endpoint = register(endpoint_service, alice, "e1")
+    body = {"userEndpointId": "e1", "block": block}
+    assert refused(InvalidInput, endpoint_service.unregister, alice, body) == "block"
+    assert not endpoint.removed
+
+
+def test_a_blocking_unregister_refuses_the_clients_reconnect(endpoint_service: EndpointService) -> None:
+    alice = user("alice")
+    register(endpoint_service, alice, "e1")
+    endpoint_service.unregister(alice, {"userEndpointId": "e1", "block": True})
+    assert refused(Forbidden, endpoint_service.connect, alice, "e1", 60, FakeLink(), False) == "client id"
+    assert len(endpoint_service.table) == 0
+    endpoint_service.unregister(alice, {"userEndpointId": register(endpoint_service, alice, "e2").id})
+    endpoint_service.connect(alice, "e2", 60, FakeLink(), False)  # without the flag it may come back
 
 
 @pytest.mark.parametrize("reason", [7, True, ["logout"], {"text": "logout"}])
@@ -335,15 +358,17 @@ def test_an_unknown_endpoint_is_404_before_its_reason_is_checked(endpoint_servic
     assert refused(NotFound, endpoint_service.unregister, user("alice"), body) == "userEndpointId"
 
 
-def test_the_unregister_reason_is_quoted_and_capped_for_the_log(endpoint_service: EndpointService) -> None:
+def test_the_unregister_reason_is_quoted_and_capped_for_the_log(
+    endpoint_service: EndpointService, caplog: pytest.LogCaptureFixture
+) -> None:
     alice = user("alice")
     register(endpoint_service, alice, "e1")
-    _, link = connect(endpoint_service, alice, "e1")
     forged = "logout\n2026-01-01 00:00:00,000 WARNING endpoint_broker.events: FORGED" + "x" * 500
-    endpoint_service.unregister(alice, {"userEndpointId": "e1", "reason": forged})
-    (reason,) = link.closed
-    assert "\n" not in reason and "\\n2026-01-01" in reason
-    assert reason == f"unregistered: {forged[:200]!r}"
+    with caplog.at_level(logging.INFO, "endpoint_broker.table"):
+        endpoint_service.unregister(alice, {"userEndpointId": "e1", "reason": forged})
+    (line,) = [r.getMessage() for r in caplog.records if "removed" in r.getMessage()]
+    assert "\n" not in line and "'logout\\n2026-01-01 " in line  # escaped: it cannot start a line of its own
+    assert "x" * 300 not in line and f"({len(forged)} chars)" in line  # capped, saying how long it was
 
 
 # ------------------------------------------------------------------- listing
@@ -578,6 +603,6 @@ def test_relay_uses_the_user_form_once_subscribed_and_needs_a_live_link(
     peer = endpoint_service.get(user("t"), "peer")
     assert endpoint_service.table.subscribe(peer, peer_link, "user/t/peer") is not None
     assert endpoint_service.relay(publisher, "user/t/peer", b"hi")
-    endpoint_service.table.disconnect(peer, peer_link, clean=False)
+    endpoint_service.table.disconnect(peer, peer_link, DisconnectReason.DROPPED)
     assert not endpoint_service.relay(publisher, "users/endpoints/peer", b"gone")
     assert peer_link.payloads == [b"hi"]
