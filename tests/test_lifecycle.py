@@ -35,16 +35,6 @@ def test_rest_endpoint_goes_healthy_sick_then_gone(service: ServiceProcess, uniq
     assert seen == ["HEALTHY", "SICK", "GONE"]
 
 
-def test_rest_keepalives_keep_an_endpoint_healthy(service: ServiceProcess, unique: str) -> None:
-    bearer = token(f"u-{unique}")
-    endpoint_id = service.register(bearer, keep_alive=1)
-    with service.http(bearer) as http:
-        for _ in range(12):
-            time.sleep(0.25)
-            assert http.post(f"{BASE}/keepalive", json={"userEndpointId": endpoint_id}).status_code == 204
-        assert http.get(f"{BASE}/{endpoint_id}").json()["state"] == "HEALTHY"
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_clean_shutdown(make_service: Callable[..., ServiceProcess], sig: int) -> None:
     process = make_service()

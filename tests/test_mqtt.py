@@ -161,7 +161,7 @@ def test_connect_attaches_to_a_rest_endpoint_and_keeps_its_settings(service: Ser
         with service.http(bearer) as http:
             assert [e["id"] for e in http.get(BASE).json()] == [endpoint_id]
         client.disconnect()
-    time.sleep(0.3)
+    wait_until(lambda: not connected(service, bearer, endpoint_id))  # the DISCONNECT has been handled
     assert service.view(bearer, endpoint_id).status_code == 200  # REST-made: stays after a clean DISCONNECT
 
 
@@ -190,17 +190,18 @@ def test_pingreq_keeps_an_endpoint_alive_and_silence_expires_it(service: Service
     with RawMqtt(service.mqtt_port) as pinging, RawMqtt(service.mqtt_port) as silent:
         assert pinging.connect(f"ping-{unique}", f"u-{unique}", bearer, keep_alive=1)[0] == 0
         assert silent.connect(f"silent-{unique}", f"u-{unique}", bearer, keep_alive=1)[0] == 0
-        start = time.monotonic()
-        closed_after: list[float] = []
-        watcher = threading.Thread(target=lambda: closed_after.append(silent.wait_closed(timeout=6)))
+        # When it expires (1 s of keep-alive, at least 1 s of grace) is a table rule, tested on a fake
+        # clock in test_table.py; here only that it happens, to the silent client alone.
+        closed: list[float] = []
+        watcher = threading.Thread(target=lambda: closed.append(silent.wait_closed(timeout=30)))
         watcher.start()
-        while time.monotonic() - start < 3.5:
+        while watcher.is_alive():
             pinging.ping()
             assert pinging.read_packet()[0] == 13  # PINGRESP
-            time.sleep(0.3)
+            time.sleep(0.3)  # the pinging client's own pace, well inside its 1 s keep-alive
         watcher.join()
+        assert closed, "the silent client was not closed"
         assert service.view(bearer, f"ping-{unique}").json()["state"] == "HEALTHY"
-        assert 1.0 <= closed_after[0] <= 3.0  # closed when expired: 1.5 x keepalive, at least 1 s of grace
         assert service.view(bearer, f"silent-{unique}").status_code == 404
 
 
@@ -220,18 +221,17 @@ def test_rest_keepalive_and_mqtt_packets_count_alike(service: ServiceProcess, un
 
 
 def test_the_connection_closes_when_the_token_expires(service: ServiceProcess, unique: str) -> None:
+    import jwt
+
     short_lived = token(f"u-{unique}", ttl=2)
+    expires_at = jwt.decode(short_lived, options={"verify_signature": False})["exp"]
     with RawMqtt(service.mqtt_port) as client:
         assert client.connect(f"e-{unique}", f"u-{unique}", short_lived, keep_alive=60)[0] == 0
-        start = time.monotonic()
-        while time.monotonic() - start < 4:  # keep it otherwise healthy
-            client.ping()
-            try:
-                client.read_packet(timeout=0.5)
-            except EOFError:
-                break
-            time.sleep(0.2)
-        assert 0.5 < time.monotonic() - start < 3.5
+        client.ping()
+        assert client.read_packet()[0] == 13  # PINGRESP: open and healthy while the token is valid
+        client.wait_closed(timeout=30)
+        # Not before `exp` (a slow machine can only make the close later); 0.1 s for timer rounding.
+        assert time.time() >= expires_at - 0.1
     # A dropped connection leaves the endpoint; reconnecting needs a fresh token.
     fresh = token(f"u-{unique}")
     assert service.view(fresh, f"e-{unique}").status_code == 200
@@ -239,14 +239,14 @@ def test_the_connection_closes_when_the_token_expires(service: ServiceProcess, u
         assert client.connect(f"e-{unique}", f"u-{unique}", fresh)[0] == 0
 
 
-def test_rest_unregister_closes_the_mqtt_connection_within_a_second(service: ServiceProcess, unique: str) -> None:
+def test_rest_unregister_closes_the_mqtt_connection(service: ServiceProcess, unique: str) -> None:
     bearer = token(f"u-{unique}")
     with RawMqtt(service.mqtt_port) as client:
         client.connect(f"e-{unique}", f"u-{unique}", bearer)
         with service.http(bearer) as http:
             response = http.post(f"{BASE}/unregister", json={"userEndpointId": f"e-{unique}", "reason": "logout"})
         assert response.status_code == 204
-        assert client.wait_closed(timeout=3) < 1.0
+        client.wait_closed(timeout=10)  # raises TimeoutError if the connection stays open
 
 
 # -------------------------------------------------------- disconnect rules
@@ -369,7 +369,7 @@ def test_keepalive_reminder_event(service: ServiceProcess, unique: str) -> None:
         assert client.publishes(timeout=0.6) == []  # once per period
         client.ping()  # the keepalive starts a new period
         client.read_packet()
-        assert client.next_publish(timeout=3).json()["type"] == "UserEndpointKeepAliveRequestedEvent"
+        assert client.next_publish(timeout=10).json()["type"] == "UserEndpointKeepAliveRequestedEvent"
 
 
 # ------------------------------------------------------------- amqtt corners

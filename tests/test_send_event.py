@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from typing import Any
-
-import pytest
 
 from tests.support import RawMqtt, ServiceProcess, event, paho_client, service_token, token, wait_until
 
@@ -23,74 +20,14 @@ def assert_problem(response: Any, status: int, field: str | None) -> None:
 # --------------------------------------------------------------- validation
 
 
-@pytest.mark.parametrize(("body", "field"), [
-    ({"userId": "u"}, "event"),
-    ({"userId": "u", "event": "CallCreatedEvent"}, "event"),
-    ({"userId": "u", "event": [event()]}, "event"),
-    ({"userId": "u", "event": {"timestamp": "2011-12-03T10:15:30Z"}}, "event.type"),
-    ({"userId": "u", "event": event("callCreated")}, "event.type"),
-    ({"userId": "u", "event": event("callCreatedEvent")}, "event.type"),
-    ({"userId": "u", "event": event("Event")}, "event.type"),
-    ({"userId": "u", "event": event("CallEvent")}, "event.type"),
-    ({"userId": "u", "event": event("CallCreated")}, "event.type"),
-    ({"userId": "u", "event": event("Call_CreatedEvent")}, "event.type"),
-    ({"userId": "u", "event": event("CallCreatedEvents")}, "event.type"),
-    ({"userId": "u", "event": event(1)}, "event.type"),  # type: ignore[arg-type]
-    ({"userId": "u", "event": {"type": "CallCreatedEvent"}}, "event.timestamp"),
-    ({"userId": "u", "event": event(timestamp="2011-12-03T10:15:30")}, "event.timestamp"),
-    ({"userId": "u", "event": event(timestamp="2011-12-03T10:15:30+01:00")}, "event.timestamp"),
-    ({"userId": "u", "event": event(timestamp="2011-12-03")}, "event.timestamp"),
-    ({"userId": "u", "event": event(timestamp="2011-13-03T10:15:30Z")}, "event.timestamp"),
-    ({"userId": "u", "event": event(timestamp="2011-12-03T25:15:30Z")}, "event.timestamp"),
-    ({"userId": "u", "event": event(timestamp="2011-12-03T10:15:30.Z")}, "event.timestamp"),
-    ({"userId": "u", "event": event(timestamp=1322907330)}, "event.timestamp"),
-    ({"event": event()}, "userId"),
-    ({"userId": "", "event": event()}, "userId"),
-    ({"userId": 7, "event": event()}, "userId"),
-    ({"userId": "u", "event": event(), "userEndpointId": 5}, "userEndpointId"),
-    ({"userId": "u", "event": event(), "userEndpointId": "a/b"}, "userEndpointId"),
-    ({"userId": "u", "event": event(), "organizationId": 5}, "organizationId"),
-    ({"userId": "u", "event": event(), "qos": "1"}, "qos"),
-    ({"userId": "u", "event": event(), "qos": 1.0}, "qos"),
-    ({"userId": "u", "event": event(), "masks": "$.secret"}, "masks"),
-    ({"userId": "u", "event": event(), "masks": [5]}, "masks[0]"),
-    ({"userId": "u", "event": event(), "masks": ["$.ok", "$.["]}, "masks[1]"),
-    ({"userId": "u", "event": event(), "masks": ["$..["]}, "masks[0]"),
-    ({"userId": "u", "event": event(n=5), "masks": ["$.n"]}, "masks[0]"),
-    ({"userId": "u", "event": event(inner={"a": "b"}), "masks": ["$.inner"]}, "masks[0]"),
-    ({"userId": "u", "event": event(items=["x", 2]), "masks": ["$.items[*]"]}, "masks[0]"),
-    # Functions and the like compute values instead of naming places: masking them would hide nothing.
-    ({"userId": "u", "event": event(password="pw"), "masks": ["$.password.`sub(/zzz/, q)`"]}, "masks[0]"),
-    ({"userId": "u", "event": event(password="pw"), "masks": ["$.password.`split(a, 0, -1)`"]}, "masks[0]"),
-    ({"userId": "u", "event": event(items=["pw"]), "masks": ["$.items.`len`"]}, "masks[0]"),
-    ({"userId": "u", "event": event(inner={"pw": "x"}), "masks": ["$.inner.pw.`parent`"]}, "masks[0]"),
-    ({"userId": "u", "event": event(), "masks": ["$.type"] * 17}, "masks"),
-    ({"userId": "u", "event": event(items=list(range(4000))), "masks": ["$..zz"] * 6}, "masks"),
-    ({"userId": "u", "event": event(timestamp="2011-12-03T10:15:30.\u0661\u0662Z")}, "event.timestamp"),
-    ({"userId": "u", "event": event(timestamp="\u0662011-12-03T10:15:30Z")}, "event.timestamp"),
-    ([event()], "body"),
-])
-def test_invalid_requests_are_400_naming_the_field(service: ServiceProcess, body: Any, field: str) -> None:
-    response = service.send_event(token("sender"), body)
-    assert_problem(response, 400, field)
-
-
-@pytest.mark.parametrize("event_type", ["CallCreatedEvent", "ConferenceStreamPublishedEvent",
-                                        "IceCandidatesFoundEvent", "Snapshot2AcquiredEvent"])
-@pytest.mark.parametrize("timestamp", ["2011-12-03T10:15:30Z", "2011-12-03T10:15:30.123Z",
-                                       "2011-12-03T10:15:30.123456789Z"])
-def test_valid_types_and_timestamps(service: ServiceProcess, event_type: str, timestamp: str) -> None:
-    response = service.send_event(token("sender"), {"userId": "nobody", "event": event(event_type,
-                                                                                        timestamp=timestamp)})
-    assert response.status_code == 200 and response.json() == 0
+def test_an_invalid_request_is_a_400_problem_naming_the_field(service: ServiceProcess) -> None:
+    """One flow through HTTP. Every validation rule is a unit test: tests/test_events.py, tests/test_service.py."""
+    response = service.send_event(token("sender"), {"userId": "u", "event": event(timestamp="2011-13-03T10:15:30Z")})
+    assert_problem(response, 400, "event.timestamp")
 
 
 def test_a_user_without_endpoints_gives_zero(service: ServiceProcess, unique: str) -> None:
     assert service.send_event(token("sender"), {"userId": f"nobody-{unique}", "event": event()}).json() == 0
-
-
-def test_a_service_must_name_the_organisation(service: ServiceProcess) -> None:
-    assert_problem(service.send_event(service_token(), {"userId": "u", "event": event()}), 400, "organizationId")
 
 
 def test_a_user_may_not_name_another_organisation(service: ServiceProcess) -> None:
@@ -214,7 +151,8 @@ def test_unacknowledged_events_are_redelivered_with_dup_on_reconnect(service: Se
         again = client.next_publish()
         assert (again.qos, again.dup, again.json()["n"]) == (1, True, 1)
         client.puback(again.packet_id)  # type: ignore[arg-type]
-        time.sleep(0.2)
+        client.ping()
+        assert client.read_packet()[0] == 13  # PINGRESP: packets are handled in order, so the PUBACK was too
     with RawMqtt(service.mqtt_port) as client:
         client.connect(endpoint_id, user, bearer, keep_alive=30)
         client.subscribe(f"users/endpoints/{endpoint_id}")
@@ -230,9 +168,8 @@ def test_unacknowledged_events_are_resent_after_the_timeout(make_service: Callab
         client.subscribe("users/endpoints/slow-ep")
         process.send_event(bearer, {"userId": "slow", "qos": 1, "event": event(n=1)})
         first = client.next_publish()
-        start = time.monotonic()
-        second = client.next_publish(timeout=3)
-        assert 0.8 <= time.monotonic() - start <= 2.0
+        # Not before the 1 s timeout, nor for an acknowledged event: tested on a fake clock in test_table.py.
+        second = client.next_publish(timeout=10)
         assert (second.dup, second.packet_id, second.json()) == (True, first.packet_id, first.json())
         client.puback(second.packet_id)  # type: ignore[arg-type]
         assert client.publishes(timeout=1.5) == []
@@ -271,7 +208,8 @@ def test_a_full_queue_refuses_the_event_and_says_so(make_service: Callable[..., 
         client.subscribe("users/endpoints/full-ep")
         for received in (client.next_publish(), client.next_publish()):
             client.puback(received.packet_id)  # type: ignore[arg-type]
-        time.sleep(0.2)
+        client.ping()
+        assert client.read_packet()[0] == 13  # PINGRESP: packets are handled in order, so the PUBACKs were too
         body = {"userId": "busy", "userEndpointId": "full-ep", "qos": 1, "event": event()}
         assert process.send_event(bearer, body).json() == 1
 
@@ -312,20 +250,3 @@ def test_qos1_events_follow_the_subscriptions_granted_qos(service: ServiceProces
         service.send_event(bearer, {"userId": user, "qos": 1, "event": event(n=2)})
         received = client.next_publish()
         assert (received.qos, received.json()["n"]) == (1, 2)
-
-
-def test_an_event_nested_too_deeply_to_send_is_400_not_500(service: ServiceProcess) -> None:
-    nested: dict[str, Any] = {}
-    deepest = nested
-    for _ in range(300):
-        deepest["next"] = {}
-        deepest = deepest["next"]
-    response = service.send_event(token("deep"), {"userId": "nobody", "event": event(nested=nested)})
-    assert_problem(response, 400, "event")
-
-
-def test_a_mask_search_cannot_stall_the_service(service: ServiceProcess) -> None:
-    """The biggest search the mask budget allows still answers quickly, and healthz with it."""
-    body = {"userId": "nobody", "event": event(items=list(range(1200))), "masks": ["$..zz"] * 16}
-    response = service.send_event(token("masker"), body)
-    assert response.status_code == 200, response.text

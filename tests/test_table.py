@@ -400,3 +400,55 @@ def test_an_unblocked_unregister_lets_the_client_reconnect(clock: Clock) -> None
     endpoint, _ = table.register("u", "o", "e1", 10, False)
     table.remove(endpoint, RemovalReason.UNREGISTERED)
     table.connect("u", "o", "e1", 10, FakeLink(), False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Timing rules. The process tests only check that these happen, never how soon (no timed assertions).
+
+
+def test_client_packets_keep_an_mqtt_endpoint_alive_and_silence_expires_it_and_closes_it(clock: Clock) -> None:
+    table = make_table(clock, min_expiry_grace_seconds=1.0)
+    pinging, _ = table.connect("u", "o", "ping", 1, ping_link := FakeLink(), False)
+    silent, _ = table.connect("u", "o", "silent", 1, silent_link := FakeLink(), False)
+    for _ in range(6):  # a PINGREQ every 0.3 s
+        advance(table, clock, 0.3)
+        table.touch(pinging, ping_link)
+    assert silent.state is EndpointState.SICK and not silent.removed  # 1.8 s: past its deadline, within the grace
+    advance(table, clock, 0.25)  # 2.05 s: 1 s of keep-alive, then at least 1 s of grace
+    assert silent.removed and silent_link.closed == [DisconnectReason.EXPIRED]
+    assert pinging.state is EndpointState.HEALTHY and not pinging.removed and ping_link.closed == []
+
+
+def test_rest_keepalives_keep_an_attached_endpoint_alive_and_their_end_expires_it(clock: Clock) -> None:
+    table = make_table(clock)
+    endpoint, _ = table.register("u", "o", "e1", 1, False)
+    table.connect("u", "o", "e1", 1, link := FakeLink(), False)
+    for _ in range(10):  # REST keepalives every 0.3 s, and not a packet from the client
+        advance(table, clock, 0.3)
+        table.keepalive(endpoint)
+    assert endpoint.state is EndpointState.HEALTHY and link.closed == []
+    advance(table, clock, 1.9)
+    assert not endpoint.removed
+    advance(table, clock, 0.15)  # 1 s of keep-alive, then at least 1 s of grace
+    assert endpoint.removed and link.closed == [DisconnectReason.EXPIRED]
+
+
+def test_an_unacknowledged_event_is_resent_once_its_ack_timeout_has_passed_and_not_before(clock: Clock) -> None:
+    table = make_table(clock, ack_timeout_seconds=1)
+    endpoint, _ = table.connect("u", "o", "e1", 300, link := FakeLink(), False)
+    table.subscribe(endpoint, link, "users/endpoints/e1")
+    table.deliver([endpoint], b"first", 1)
+    advance(table, clock, 0.4)
+    table.deliver([endpoint], b"second", 1)
+    advance(table, clock, 0.55)  # 0.95 s after the first
+    assert [(payload, dup) for _, payload, _, _, dup in link.sent] == [(b"first", False), (b"second", False)]
+    advance(table, clock, 0.1)  # 1.05 s after the first, 0.65 s after the second
+    assert [(payload, dup) for _, payload, _, _, dup in link.sent[2:]] == [(b"first", True)]
+    advance(table, clock, 0.4)  # 1.05 s after the second
+    assert [(payload, dup) for _, payload, _, _, dup in link.sent[3:]] == [(b"second", True)]
+    assert [packet_id for *_, packet_id, _ in link.sent[2:]] == [packet_id for *_, packet_id, _ in link.sent[:2]]
+    for *_, packet_id, _ in link.sent[2:]:
+        assert packet_id is not None
+        table.acknowledge(endpoint, link, packet_id)
+    advance(table, clock, 10)
+    assert len(link.sent) == 4

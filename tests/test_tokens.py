@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import jwt
@@ -11,6 +12,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from endpoint_core import principals
 from endpoint_core.errors import NotAuthenticated
 from endpoint_core.principals import ClaimNames, JwtVerifier, mint_token
 
@@ -179,12 +181,18 @@ def test_a_configured_algorithm_needs_a_key() -> None:
         JwtVerifier()
 
 
-def test_verified_tokens_are_cached_but_never_past_exp() -> None:
+def test_verified_tokens_are_cached_but_never_past_exp_nor_for_long(monkeypatch: pytest.MonkeyPatch) -> None:
+    cache_clock = [time.time()]  # the cache's clock, moved by hand; PyJWT keeps checking on the real one
+    monkeypatch.setattr(principals, "time", SimpleNamespace(time=lambda: cache_clock[0]))
     verifier = JwtVerifier(secret=SECRET, leeway_seconds=0)
-    token = hs256(exp=int(time.time()) + 2)
-    assert verifier.verify(token) is verifier.verify(token)
-    time.sleep(2.2)
-    refused(verifier, token)
+    short, long = hs256(exp=int(cache_clock[0]) + 2), hs256(exp=int(cache_clock[0]) + 3600)
+    cached_short, cached_long = verifier.verify(short), verifier.verify(long)
+    assert verifier.verify(short) is cached_short and verifier.verify(long) is cached_long
+    cache_clock[0] = cached_short.expires_at  # `exp` reached: verified again (and refused, see test_expired)
+    assert verifier.verify(short) is not cached_short
+    assert verifier.verify(long) is cached_long
+    cache_clock[0] += 60  # a minute at most, even for a long-lived token
+    assert verifier.verify(long) is not cached_long
 
 
 def test_minted_tokens_verify() -> None:
