@@ -65,6 +65,10 @@ def assert_problem(response: Any, status: int, field: str | None) -> None:
     ({"userId": "u", "event": event(items=["pw"]), "masks": ["$.items.`len`"]}, "masks[0]"),
     ({"userId": "u", "event": event(inner={"pw": "x"}), "masks": ["$.inner.pw.`parent`"]}, "masks[0]"),
     ({"userId": "u", "event": event(), "masks": ["$.type"] * 17}, "masks"),
+    # A caller's regex would run on the event loop (ReDoS); a deeply nested mask once answered 500.
+    ({"userId": "u", "event": event(x=[{"s": "a" * 25 + "!"}]), "masks": ["$.type", '$.x[?(@.s =~ "(a+)+$")].s']},
+     "masks[1]"),
+    ({"userId": "u", "event": event(), "masks": ["$" + ".a" * 3000]}, "masks[0]"),
     ({"userId": "u", "event": event(items=list(range(4000))), "masks": ["$..zz"] * 6}, "masks"),
     ({"userId": "u", "event": event(timestamp="2011-12-03T10:15:30.\u0661\u0662Z")}, "event.timestamp"),
     ({"userId": "u", "event": event(timestamp="\u0662011-12-03T10:15:30Z")}, "event.timestamp"),
