@@ -10,6 +10,7 @@ environment; the flags are --host, --mqtt-port, --http-port, --mqtts-port,
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -67,6 +68,7 @@ class Settings:
     ack_timeout_seconds: float = _POLICY.ack_timeout_seconds
     max_endpoints_per_user: int = _POLICY.max_endpoints_per_user
     unregister_block_seconds: float = _POLICY.unregister_block_seconds
+    endpoint_id_pattern: str | None = _POLICY.endpoint_id_pattern
 
     # TLS: with a certificate and its key, HTTPS (and wss://) on http_port and MQTT over TLS on mqtts_port.
     tls_cert: str | None = None
@@ -133,6 +135,11 @@ class Settings:
                      "mqtt_max_connect_bytes", "mqtt_max_pending_connects"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        if self.endpoint_id_pattern:
+            try:
+                re.compile(self.endpoint_id_pattern)
+            except re.error as exc:
+                raise ConfigError(f"endpoint_id_pattern is not a regular expression: {exc}") from None
         if self.jwt_public_key_file and not Path(self.jwt_public_key_file).is_file():
             raise ConfigError(f"jwt_public_key_file {self.jwt_public_key_file!r} does not exist")
 
