@@ -22,6 +22,7 @@ import yaml
 
 from broker_plugin.connection import ConnectionLimits
 from endpoint_core.principals import ClaimNames
+from endpoint_core.ratelimit import RateLimitPolicy
 from endpoint_core.table import TablePolicy
 
 ENV_PREFIX = "ENDPOINT_BROKER_"
@@ -29,6 +30,7 @@ ENV_PREFIX = "ENDPOINT_BROKER_"
 _POLICY = TablePolicy()
 _LIMITS = ConnectionLimits()
 _CLAIMS = ClaimNames()
+_RATES = RateLimitPolicy()
 
 
 class ConfigError(ValueError):
@@ -69,6 +71,14 @@ class Settings:
     max_endpoints_per_user: int = _POLICY.max_endpoints_per_user
     unregister_block_seconds: float = _POLICY.unregister_block_seconds
     endpoint_id_pattern: str | None = _POLICY.endpoint_id_pattern
+
+    # Rate limits: the core's own defaults (endpoint_core.ratelimit.RateLimitPolicy). A rate of 0 is off.
+    send_event_rate_per_second: float = _RATES.send_event_rate_per_second
+    send_event_burst: int = _RATES.send_event_burst
+    register_rate_per_second: float = _RATES.register_rate_per_second
+    register_burst: int = _RATES.register_burst
+    connect_rate_per_second: float = _RATES.connect_rate_per_second
+    connect_burst: int = _RATES.connect_burst
 
     # TLS: with a certificate and its key, HTTPS (and wss://) on http_port and MQTT over TLS on mqtts_port.
     tls_cert: str | None = None
@@ -131,7 +141,11 @@ class Settings:
         for name in ("expiry_grace_ratio", "min_expiry_grace_seconds", "jwt_leeway_seconds"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
-        for name in ("max_endpoints_per_user", "max_body_bytes", "mqtt_max_packet_bytes", "mqtt_max_buffered_bytes",
+        for name in ("send_event_rate_per_second", "register_rate_per_second", "connect_rate_per_second"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative (0 turns the limit off)")
+        for name in ("send_event_burst", "register_burst", "connect_burst",
+                     "max_endpoints_per_user", "max_body_bytes", "mqtt_max_packet_bytes", "mqtt_max_buffered_bytes",
                      "mqtt_max_connect_bytes", "mqtt_max_pending_connects"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
@@ -154,6 +168,10 @@ class Settings:
             max_connect_bytes=self.mqtt_max_connect_bytes,
             max_buffered_bytes=self.mqtt_max_buffered_bytes,
         )
+
+    def rate_limit_policy(self) -> RateLimitPolicy:
+        """The rate limits' settings, field by field."""
+        return RateLimitPolicy(**{f.name: getattr(self, f.name) for f in fields(RateLimitPolicy)})
 
     def redacted(self) -> dict[str, Any]:
         """The settings, safe to log."""

@@ -1,5 +1,8 @@
 """The endpoint service: the operations both adapters offer, with their access rules.
 
+Rate limits are applied here too, the one place both adapters pass through:
+registrations and events per principal, CONNECTs per client id.
+
 Access rules, in one place:
 - a normal caller acts on its own endpoints; another user's endpoint in the same
   organisation is Forbidden; an endpoint in another organisation is NotFound,
@@ -17,12 +20,14 @@ from typing import Any
 
 import orjson
 
+from endpoint_core.clock import Clock, monotonic
 from endpoint_core.endpoint import EndpointLink, RemovalReason, UserEndpoint, endpoint_id_of_topic
 from endpoint_core.errors import Forbidden, InvalidInput, NotAuthenticated, NotFound, Unavailable
 from endpoint_core.events import masked, parse_send_event
 from endpoint_core.ids import require_endpoint_id
 from endpoint_core.logtext import loggable
 from endpoint_core.principals import Principal, TokenVerifier
+from endpoint_core.ratelimit import RateLimitPolicy, TokenBuckets
 from endpoint_core.table import EndpointTable
 
 log = logging.getLogger("endpoint_broker.service")
@@ -30,9 +35,19 @@ event_log = logging.getLogger("endpoint_broker.events")
 
 
 class EndpointService:
-    def __init__(self, table: EndpointTable, verifier: TokenVerifier) -> None:
+    def __init__(
+        self,
+        table: EndpointTable,
+        verifier: TokenVerifier,
+        limits: RateLimitPolicy | None = None,
+        clock: Clock = monotonic,
+    ) -> None:
         self.table = table
         self.verifier = verifier
+        limits = limits or RateLimitPolicy()
+        self._register_limit = TokenBuckets(limits.register_rate_per_second, limits.register_burst, clock)
+        self._send_event_limit = TokenBuckets(limits.send_event_rate_per_second, limits.send_event_burst, clock)
+        self._connect_limit = TokenBuckets(limits.connect_rate_per_second, limits.connect_burst, clock)
 
     # ---------------------------------------------------------- identity
 
@@ -48,6 +63,7 @@ class EndpointService:
     # ------------------------------------------------------------ REST
 
     def register(self, principal: Principal, body: object) -> UserEndpoint:
+        self._register_limit.take(_caller(principal), "registrations")
         command = _object(body)
         keep_alive = command.get("keepAliveSeconds")
         if isinstance(keep_alive, bool) or not isinstance(keep_alive, int):
@@ -104,6 +120,7 @@ class EndpointService:
 
     def send_event(self, principal: Principal, body: object) -> int:
         """Deliver an event to one or all endpoints of a user. Returns how many took it."""
+        self._send_event_limit.take(_caller(principal), "events")
         command = parse_send_event(_object(body))
         organization_id = self._target_organization(principal, command.organization_id)
         if command.endpoint_id is not None:
@@ -161,6 +178,7 @@ class EndpointService:
         already past it (accepted by the verifier's clock-skew leeway) is refused."""
         if principal.expires_at <= time.time():
             raise NotAuthenticated("token has expired", "Authorization")
+        self._connect_limit.take(endpoint_id, "CONNECTs for this client id")
         return self.table.connect(
             principal.user_id, principal.organization_id, endpoint_id, mqtt_keep_alive, link,
             persistent_session,
@@ -204,6 +222,11 @@ class EndpointService:
             raise Forbidden("organizationId differs from the token's organisation", "organizationId")
         assert principal.organization_id is not None  # the verifier guarantees it for users
         return principal.organization_id
+
+
+def _caller(principal: Principal) -> tuple[str, str | None, bool]:
+    """Whose bucket a request takes from: the user in its organisation, or the SERVICE client."""
+    return principal.user_id, principal.organization_id, principal.is_service
 
 
 def _object(body: object) -> Mapping[str, Any]:

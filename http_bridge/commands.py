@@ -83,7 +83,7 @@ class CommandEndpoint:
         except DomainError as error:
             status = status_of(error)
             await _respond(send, status, problem_body(status, error.title, error.detail, error.field),
-                           PROBLEM_JSON.encode(), problem_headers(status))
+                           PROBLEM_JSON.encode(), problem_headers(status, error))
             return
         await _respond(send, status, payload, JSON)
 

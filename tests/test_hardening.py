@@ -75,3 +75,31 @@ def test_a_short_hs256_secret_stops_startup_with_status_2() -> None:
     assert result.returncode == 2, result.stderr
     assert "32 bytes" in result.stderr and "RFC 7518" in result.stderr
     assert "x" * 31 not in result.stderr + result.stdout  # and the secret is not echoed
+
+
+# ------------------------------------------------------------ rate limits
+
+
+def test_over_a_rate_limit_http_answers_429_and_mqtt_connack_3(make_service: Callable[..., ServiceProcess]) -> None:
+    process = make_service(env={
+        "ENDPOINT_BROKER_REGISTER_RATE_PER_SECOND": "0.01", "ENDPOINT_BROKER_REGISTER_BURST": "2",
+        "ENDPOINT_BROKER_CONNECT_RATE_PER_SECOND": "0.01", "ENDPOINT_BROKER_CONNECT_BURST": "2",
+        "ENDPOINT_BROKER_SEND_EVENT_RATE_PER_SECOND": "0.01", "ENDPOINT_BROKER_SEND_EVENT_BURST": "1",
+    })
+    bearer = token("hasty")
+    with process.http(bearer) as http:
+        assert [http.post(BASE, json={"keepAliveSeconds": 30}).status_code for _ in range(2)] == [200, 200]
+        refused = http.post(BASE, json={"keepAliveSeconds": 30})
+        assert_problem(refused, 429, None)
+        assert 90 <= int(refused.headers["retry-after"]) <= 100  # one token back at 0.01 a second
+        event = {"userId": "hasty", "event": {"type": "CallCreatedEvent", "timestamp": "2011-12-03T10:15:30Z"}}
+        assert http.post(BASE + "/sendEvent", json=event).status_code == 200
+        assert_problem(http.post(BASE + "/sendEvent", json=event), 429, None)
+    for _ in range(2):
+        with RawMqtt(process.mqtt_port) as client:
+            assert client.connect("hasty-tab", "hasty", bearer) == (0, False)
+            client.disconnect()
+    with RawMqtt(process.mqtt_port) as client:
+        assert client.connect("hasty-tab", "hasty", bearer) == (3, False)
+    with RawMqtt(process.mqtt_port) as client:  # per client id: another one is not limited
+        assert client.connect("calm-tab", "hasty", bearer) == (0, False)
