@@ -88,6 +88,11 @@ class Settings:
 
     # HTTP.
     max_body_bytes: int = 64 * 1024
+    # A request must arrive whole (headers and body) this long after the connection opens or the
+    # previous response ends, else the connection is closed (slowloris, short bodies, idle sockets).
+    http_request_timeout_seconds: float = 10.0
+    # HTTP connections held at once, WebSockets at /ws included (lowered to fit the open file limit).
+    http_max_connections: int = 10_000
     # One log line per request; off by default because it costs more than the request.
     http_access_log: bool = False
     # Browser origins allowed to call the REST API cross-origin ("*" for any). Empty: no CORS.
@@ -135,7 +140,8 @@ class Settings:
         # Two topic forms per event, and QoS 1 packet ids are 16 bits: keep them from running out.
         if not 1 <= self.queue_max_events <= 30_000 or self.queue_max_bytes < 1:
             raise ConfigError("queue_max_events must be from 1 to 30000, and queue_max_bytes positive")
-        for name in ("ack_timeout_seconds", "connect_timeout_seconds", "unregister_block_seconds"):
+        for name in ("ack_timeout_seconds", "connect_timeout_seconds", "unregister_block_seconds",
+                     "http_request_timeout_seconds"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         for name in ("expiry_grace_ratio", "min_expiry_grace_seconds", "jwt_leeway_seconds"):
@@ -145,8 +151,9 @@ class Settings:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative (0 turns the limit off)")
         for name in ("send_event_burst", "register_burst", "connect_burst",
-                     "max_endpoints_per_user", "max_body_bytes", "mqtt_max_packet_bytes", "mqtt_max_buffered_bytes",
-                     "mqtt_max_connect_bytes", "mqtt_max_pending_connects"):
+                     "max_endpoints_per_user", "max_body_bytes", "http_max_connections",
+                     "mqtt_max_packet_bytes", "mqtt_max_buffered_bytes", "mqtt_max_connect_bytes",
+                     "mqtt_max_pending_connects"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         if self.endpoint_id_pattern:
