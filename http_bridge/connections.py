@@ -33,6 +33,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from http_bridge.openapi import HEALTH_PATH
 from http_bridge.problems import PROBLEM_JSON, problem_body
 
 log = logging.getLogger("endpoint_broker.http")
@@ -43,7 +44,6 @@ HEALTH_OVERFLOW = 16
 OVERFLOW_DEADLINE_SECONDS = 2.0
 # Descriptors HTTP never takes: at least this many, or a tenth of the limit.
 MIN_FD_RESERVE = 64
-HEALTH_PATH = "/healthz"
 
 _OVER_CAPACITY = problem_body(503, "Service unavailable", "too many HTTP connections; retry later")
 
