@@ -42,6 +42,7 @@ from endpoint_core.principals import ClaimNames, JwtVerifier, mint_token
 from endpoint_core.service import EndpointService
 from endpoint_core.table import EndpointTable
 from http_bridge.app import create_app
+from http_bridge.connections import fd_reserve, guarded_protocol, max_connections_for
 from store import DATABASE_FILE, MemoryStore, SqliteStore, StoreFileError
 
 log = logging.getLogger("endpoint_broker")
@@ -121,7 +122,7 @@ def build_app(settings: Settings, tls: ServerTls | None = None) -> Starlette:
     table = EndpointTable(settings.table_policy(), journal=store)
     idempotency = IdempotencyKeys(settings.idempotency_window_seconds)
     idempotency.restore(snapshot.idempotency)
-    service = EndpointService(table, verifier, store, idempotency)
+    service = EndpointService(table, verifier, store, idempotency, limits=settings.rate_limit_policy())
     mqtt = MqttRuntime(service, MqttSettings(
         host=settings.host,
         port=settings.mqtt_port,
@@ -182,12 +183,14 @@ class Server(uvicorn.Server):
             captured.clear()
 
 
-def raise_file_limit() -> None:
-    """Every MQTT connection holds a descriptor: use all the hard limit allows (often 1024 soft)."""
+def raise_file_limit() -> int | None:
+    """Every MQTT connection holds a descriptor: use all the hard limit allows (often 1024 soft).
+
+    Returns the open file limit, or None when there is none to respect."""
     try:
         import resource  # noqa: PLC0415 - POSIX only
     except ImportError:
-        return
+        return None
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and soft < hard:
         try:
@@ -196,6 +199,7 @@ def raise_file_limit() -> None:
         except (ValueError, OSError):
             pass
     log.info("open file limit: %s (about that many connections)", soft)
+    return None if soft == resource.RLIM_INFINITY else soft
 
 
 def load_tls(settings: Settings) -> ServerTls | None:
@@ -219,8 +223,12 @@ def reload_on_sighup(tls: ServerTls | None) -> None:
 
 def serve(settings: Settings, tls: ServerTls | None) -> int:
     log.info("settings: %s", settings.redacted())
-    raise_file_limit()
+    file_limit = raise_file_limit()
     app = build_app(settings, tls)
+    max_connections = max_connections_for(settings.http_max_connections, file_limit)
+    if max_connections < settings.http_max_connections:
+        log.warning("http_max_connections lowered to %d: the open file limit %s keeps %d descriptors "
+                    "for MQTT and /healthz", max_connections, file_limit, fd_reserve(file_limit or 0))
 
     def ssl_context(config: uvicorn.Config, default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
         # uvicorn's supported hook for a context of our own: the one SIGHUP reloads in place.
@@ -243,6 +251,9 @@ def serve(settings: Settings, tls: ServerTls | None) -> int:
         # a ping with an unmasked frame, which the server must then treat as a protocol error.
         ws_ping_interval=None,
         ssl_context_factory=None if tls is None else ssl_context,
+        # A request deadline and a connection cap: slow or idle sockets cannot hold descriptors forever.
+        http=guarded_protocol(request_timeout_seconds=settings.http_request_timeout_seconds,
+                              max_connections=max_connections),
     ))
 
     async def main() -> None:

@@ -23,7 +23,7 @@ from amqtt.plugins.base import BasePlugin
 
 from broker_plugin import codec
 from endpoint_core.endpoint import EndpointLink, UserEndpoint
-from endpoint_core.errors import Conflict, DomainError, Forbidden, NotAuthenticated
+from endpoint_core.errors import Conflict, DomainError, Forbidden, NotAuthenticated, RateLimited
 from endpoint_core.ids import endpoint_id_problem
 from endpoint_core.principals import Principal
 from endpoint_core.service import EndpointService
@@ -92,6 +92,8 @@ class EndpointPlugin(BasePlugin[BrokerContext]):
             return ConnectVerdict(codec.BAD_USERNAME_OR_PASSWORD, exc.detail)
         except (Conflict, Forbidden) as exc:
             return ConnectVerdict(codec.NOT_AUTHORIZED, exc.detail)
+        except RateLimited as exc:
+            return ConnectVerdict(codec.SERVER_UNAVAILABLE, exc.detail)
         except DomainError as exc:
             return ConnectVerdict(codec.IDENTIFIER_REJECTED, exc.detail)
         return ConnectVerdict(codec.ACCEPTED, "", endpoint, principal, session_present)

@@ -10,6 +10,7 @@ environment; the flags are --host, --mqtt-port, --http-port, --mqtts-port,
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -21,6 +22,7 @@ import yaml
 
 from broker_plugin.connection import ConnectionLimits
 from endpoint_core.principals import ClaimNames
+from endpoint_core.ratelimit import RateLimitPolicy
 from endpoint_core.table import TablePolicy
 
 ENV_PREFIX = "ENDPOINT_BROKER_"
@@ -28,6 +30,7 @@ ENV_PREFIX = "ENDPOINT_BROKER_"
 _POLICY = TablePolicy()
 _LIMITS = ConnectionLimits()
 _CLAIMS = ClaimNames()
+_RATES = RateLimitPolicy()
 
 
 class ConfigError(ValueError):
@@ -67,6 +70,15 @@ class Settings:
     ack_timeout_seconds: float = _POLICY.ack_timeout_seconds
     max_endpoints_per_user: int = _POLICY.max_endpoints_per_user
     unregister_block_seconds: float = _POLICY.unregister_block_seconds
+    endpoint_id_pattern: str | None = _POLICY.endpoint_id_pattern
+
+    # Rate limits: the core's own defaults (endpoint_core.ratelimit.RateLimitPolicy). A rate of 0 is off.
+    send_event_rate_per_second: float = _RATES.send_event_rate_per_second
+    send_event_burst: int = _RATES.send_event_burst
+    register_rate_per_second: float = _RATES.register_rate_per_second
+    register_burst: int = _RATES.register_burst
+    connect_rate_per_second: float = _RATES.connect_rate_per_second
+    connect_burst: int = _RATES.connect_burst
 
     # TLS: with a certificate and its key, HTTPS (and wss://) on http_port and MQTT over TLS on mqtts_port.
     tls_cert: str | None = None
@@ -85,6 +97,11 @@ class Settings:
 
     # HTTP.
     max_body_bytes: int = 64 * 1024
+    # A request must arrive whole (headers and body) this long after the connection opens or the
+    # previous response ends, else the connection is closed (slowloris, short bodies, idle sockets).
+    http_request_timeout_seconds: float = 10.0
+    # HTTP connections held at once, WebSockets at /ws included (lowered to fit the open file limit).
+    http_max_connections: int = 10_000
     # One log line per request; off by default because it costs more than the request.
     http_access_log: bool = False
     # Browser origins allowed to call the REST API cross-origin ("*" for any). Empty: no CORS.
@@ -139,16 +156,26 @@ class Settings:
         if self.store_max_bytes < 0:
             raise ConfigError("store_max_bytes must not be negative")
         for name in ("ack_timeout_seconds", "connect_timeout_seconds", "unregister_block_seconds",
-                     "idempotency_window_seconds", "shutdown_timeout_seconds"):
+                     "idempotency_window_seconds", "shutdown_timeout_seconds", "http_request_timeout_seconds"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         for name in ("expiry_grace_ratio", "min_expiry_grace_seconds", "jwt_leeway_seconds"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
-        for name in ("max_endpoints_per_user", "max_body_bytes", "mqtt_max_packet_bytes", "mqtt_max_buffered_bytes",
-                     "mqtt_max_connect_bytes", "mqtt_max_pending_connects"):
+        for name in ("send_event_rate_per_second", "register_rate_per_second", "connect_rate_per_second"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative (0 turns the limit off)")
+        for name in ("send_event_burst", "register_burst", "connect_burst",
+                     "max_endpoints_per_user", "max_body_bytes", "http_max_connections",
+                     "mqtt_max_packet_bytes", "mqtt_max_buffered_bytes", "mqtt_max_connect_bytes",
+                     "mqtt_max_pending_connects"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        if self.endpoint_id_pattern:
+            try:
+                re.compile(self.endpoint_id_pattern)
+            except re.error as exc:
+                raise ConfigError(f"endpoint_id_pattern is not a regular expression: {exc}") from None
         if self.jwt_public_key_file and not Path(self.jwt_public_key_file).is_file():
             raise ConfigError(f"jwt_public_key_file {self.jwt_public_key_file!r} does not exist")
 
@@ -163,6 +190,10 @@ class Settings:
             max_connect_bytes=self.mqtt_max_connect_bytes,
             max_buffered_bytes=self.mqtt_max_buffered_bytes,
         )
+
+    def rate_limit_policy(self) -> RateLimitPolicy:
+        """The rate limits' settings, field by field."""
+        return RateLimitPolicy(**{f.name: getattr(self, f.name) for f in fields(RateLimitPolicy)})
 
     def redacted(self) -> dict[str, Any]:
         """The settings, safe to log."""

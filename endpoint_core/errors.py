@@ -59,3 +59,13 @@ class Unavailable(DomainError):
     """Nothing could take the request right now, e.g. every target queue is full (HTTP 503)."""
 
     title = "Service unavailable"
+
+
+class RateLimited(DomainError):
+    """Over a rate limit (HTTP 429 with Retry-After; CONNACK 3 for a CONNECT)."""
+
+    title = "Too many requests"
+
+    def __init__(self, detail: str, field: str | None = None, *, retry_after_seconds: float) -> None:
+        super().__init__(detail, field)
+        self.retry_after_seconds = retry_after_seconds

@@ -17,9 +17,10 @@ from datetime import datetime
 from typing import Any
 
 from cachetools import LRUCache
-from jsonpath_ng.ext.filter import Filter
+from jsonpath_ng.ext.filter import Expression, Filter
 from jsonpath_ng.ext.parser import parse as parse_jsonpath
-from jsonpath_ng.jsonpath import Child, Descendants, Fields, Index, Root, Slice, This, Wildcard
+from jsonpath_ng.ext.string import Sub
+from jsonpath_ng.jsonpath import Child, Descendants, Fields, Index, JSONPath, Root, Slice, This, Wildcard
 
 from endpoint_core.errors import InvalidInput
 from endpoint_core.ids import require_endpoint_id
@@ -31,10 +32,23 @@ EVENT_TYPE = re.compile(r"(?:[A-Z][a-z0-9]+){2,}Event")
 # An ISO-8601 instant in UTC with the Z suffix and optional fractional seconds.
 EVENT_TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?Z", re.ASCII)
 
-_compiled_masks: LRUCache[str, Any] = LRUCache(maxsize=1024)
 _SELECTING_STEPS = (Root, This, Fields, Index, Slice, Wildcard, Filter)
 
 MAX_MASKS = 16
+# What one request's masks may cost to parse: parsing runs on the event loop, and a
+# compiled mask holds about 50 bytes per character of its text.
+MAX_MASK_CHARACTERS = 512
+MAX_MASKS_CHARACTERS = 2048  # all masks of one request together
+# Steps (`.x`, `[0]`, `..`, filter terms) in one mask, counted on the text before
+# parsing, so that a deeply nested mask never reaches the (recursive) parser.
+MAX_MASK_STEPS = 32
+# The compiled-mask cache is bounded by the characters it holds, not by entries:
+# about 3 MB at most, whether the masks are short or long.
+MASK_CACHE_CHARACTERS = 64 * 1024
+# Each entry is (compiled mask, characters of its text).
+_compiled_masks: LRUCache[str, tuple[Any, int]] = LRUCache(
+    maxsize=MASK_CACHE_CHARACTERS, getsizeof=lambda entry: entry[1]
+)
 # masks x values in the event: one search visits every value at worst (about 10 us each).
 MAX_MASK_WORK = 20_000
 
@@ -125,11 +139,13 @@ def compile_masks(masks: object, event: Mapping[str, Any]) -> tuple[Any, ...]:
         raise InvalidInput(
             f"the masks would search too much: masks x event values must stay under {MAX_MASK_WORK}", "masks"
         )
+    for index, mask in enumerate(masks):
+        _check_mask_text(mask, f"masks[{index}]")
+    if sum(len(mask) for mask in masks) > MAX_MASKS_CHARACTERS:
+        raise InvalidInput(f"the masks together may have at most {MAX_MASKS_CHARACTERS} characters", "masks")
     paths = []
     for index, mask in enumerate(masks):
         field = f"masks[{index}]"
-        if not isinstance(mask, str) or not mask:
-            raise InvalidInput(f"{field} must be a non-empty JSONPath string", field)
         expression = _compile(mask, field)
         for match in expression.find(event):
             if not isinstance(match.value, str):
@@ -141,25 +157,69 @@ def compile_masks(masks: object, event: Mapping[str, Any]) -> tuple[Any, ...]:
     return tuple(paths)
 
 
+def _check_mask_text(mask: object, field: str) -> None:
+    """Refuse, before parsing, a mask that would cost too much to parse or to keep."""
+    if not isinstance(mask, str) or not mask:
+        raise InvalidInput(f"{field} must be a non-empty JSONPath string", field)
+    if len(mask) > MAX_MASK_CHARACTERS:
+        raise InvalidInput(f"{field} may have at most {MAX_MASK_CHARACTERS} characters", field)
+    # Every step begins with '.' or '[' (or is a filter term joined by && / ||): an upper
+    # bound on the steps that keeps nested masks away from the recursive parser and walkers.
+    if mask.count(".") + mask.count("[") + mask.count("&&") + mask.count("||") > MAX_MASK_STEPS:
+        raise InvalidInput(f"{field} may have at most {MAX_MASK_STEPS} steps", field)
+
+
 def _compile(mask: str, field: str) -> Any:
-    expression = _compiled_masks.get(mask)
-    if expression is None:
+    cached = _compiled_masks.get(mask)
+    if cached is None:
         try:
             expression = parse_jsonpath(mask)
+        except RecursionError:
+            raise InvalidInput(f"{field} is nested too deeply", field) from None
         except Exception as exc:  # jsonpath-ng raises plain Exceptions from its lexer and parser
             raise InvalidInput(f"{field} is not a valid JSONPath expression: {exc}", field) from None
         if not _only_selects(expression):
             # Functions (`sub`, `len`, `str`...), `parent`, `where` and arithmetic compute
             # values instead of naming places in the event, so masking them would hide nothing.
             raise InvalidInput(f"{field} may only select fields, indexes, slices, wildcards and filters", field)
-        _compiled_masks[mask] = expression
-    return expression
+        if _runs_a_regex(expression):
+            # `=~` and `sub` run the caller's regular expression on the event loop: one
+            # catastrophic pattern (`(a+)+$`) would freeze every connection for seconds.
+            raise InvalidInput(f"{field} may not use regular expressions (=~ or sub)", field)
+        cached = _compiled_masks[mask] = (expression, len(mask))
+    return cached[0]
 
 
 def _only_selects(node: Any) -> bool:
-    if type(node) in (Child, Descendants):
-        return _only_selects(node.left) and _only_selects(node.right)
-    return type(node) in _SELECTING_STEPS
+    stack = [node]
+    while stack:
+        step = stack.pop()
+        if type(step) in (Child, Descendants):
+            stack += (step.left, step.right)
+        elif type(step) not in _SELECTING_STEPS:
+            return False
+    return True
+
+
+def _nodes(expression: Any) -> list[Any]:
+    """Every node of a parsed mask, filter terms included, walked without recursion."""
+    found, stack = [], [expression]
+    while stack:
+        node = stack.pop()
+        found.append(node)
+        for value in vars(node).values() if hasattr(node, "__dict__") else ():
+            if isinstance(value, JSONPath):
+                stack.append(value)
+            elif isinstance(value, list):
+                stack.extend(item for item in value if isinstance(item, JSONPath))
+    return found
+
+
+def _runs_a_regex(expression: Any) -> bool:
+    return any(
+        isinstance(node, Sub) or (isinstance(node, Expression) and node.op == "=~")
+        for node in _nodes(expression)
+    )
 
 
 def _size(value: Any) -> int:

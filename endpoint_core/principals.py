@@ -18,15 +18,17 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from endpoint_core.errors import NotAuthenticated
+from endpoint_core.ids import identity_problem
 
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 RSA_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 EC_ALGORITHMS = frozenset({"ES256", "ES384", "ES512"})
+# RFC 7518 section 3.2: an HS256 key must be at least as long as the hash, 256 bits.
+MIN_HMAC_SECRET_BYTES = 32
 
 # Why a token was refused, by PyJWT's exception, in words for the problem body.
 _FAILURES: tuple[tuple[type[jwt.InvalidTokenError], str], ...] = (
     (jwt.ExpiredSignatureError, "token has expired"),
-    (jwt.ImmatureSignatureError, "token is not valid yet (nbf)"),
     (jwt.InvalidSignatureError, "token signature is invalid"),
     (jwt.InvalidIssuerError, "token issuer is not accepted"),
     (jwt.InvalidAudienceError, "token audience is not accepted"),
@@ -99,6 +101,10 @@ class JwtVerifier:
         cache_size: int = 10_000,
     ) -> None:
         keys: dict[str, Any] = {}
+        if secret and len(secret.encode()) < MIN_HMAC_SECRET_BYTES:
+            raise ValueError(
+                f"the HS256 secret must be at least {MIN_HMAC_SECRET_BYTES} bytes long (RFC 7518, section 3.2)"
+            )
         if secret:
             keys.update(dict.fromkeys(HMAC_ALGORITHMS, secret))
         if public_key_pem:
@@ -157,6 +163,10 @@ class JwtVerifier:
             )
         except jwt.MissingRequiredClaimError as exc:
             raise NotAuthenticated(f"token lacks the {exc.claim!r} claim", "Authorization") from None
+        except jwt.ImmatureSignatureError as exc:
+            # PyJWT raises this for a future `nbf` and for a future `iat`; say which.
+            claim = "iat" if "(iat)" in str(exc) else "nbf"
+            raise NotAuthenticated(f"token is not valid yet ({claim} is in the future)", "Authorization") from None
         except jwt.InvalidTokenError as exc:
             reason = next((text for kind, text in _FAILURES if isinstance(exc, kind)), f"invalid token: {exc}")
             raise NotAuthenticated(reason, "Authorization") from None
@@ -164,16 +174,24 @@ class JwtVerifier:
 
     def _principal_from(self, claims: Mapping[str, Any]) -> Principal:
         names = self._claims
-        user = claims.get(names.user) or claims.get(names.user_fallback)
-        if not isinstance(user, str) or not user:
+        # The fallback claim is used only when the user claim is absent: a user claim
+        # that is present but empty or not a string is a broken token, not a hint to
+        # look elsewhere (it would silently make `sub` the user).
+        user_claim = names.user if names.user in claims else names.user_fallback
+        if user_claim not in claims:
             raise NotAuthenticated(
                 f"token has no {names.user!r} or {names.user_fallback!r} claim", "Authorization"
             )
+        user = claims[user_claim]
+        problem = identity_problem(user)
+        if problem is not None:
+            raise NotAuthenticated(f"token claim {user_claim!r} {problem}", "Authorization")
         organization = claims.get(names.organization)
-        if isinstance(organization, int) and not isinstance(organization, bool):
-            organization = str(organization)
-        if organization is not None and (not isinstance(organization, str) or not organization):
-            raise NotAuthenticated(f"token claim {names.organization!r} must be a string", "Authorization")
+        if organization is not None:
+            # Strings only: accepting 5 as "5" would make two spellings one organisation.
+            problem = identity_problem(organization)
+            if problem is not None:
+                raise NotAuthenticated(f"token claim {names.organization!r} {problem}", "Authorization")
         is_service = bool(names.service_roles & set(_roles_of(claims.get(names.roles))))
         if organization is None and not is_service:
             # Organisation scoping is the isolation boundary; a user without one

@@ -1,5 +1,8 @@
 """The endpoint service: the operations both adapters offer, with their access rules.
 
+Rate limits are applied here too, the one place both adapters pass through:
+registrations and events per principal, CONNECTs per client id.
+
 Access rules, in one place:
 - a normal caller acts on its own endpoints; another user's endpoint in the same
   organisation is Forbidden; an endpoint in another organisation is NotFound,
@@ -17,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from endpoint_core.clock import Clock, monotonic
 from endpoint_core.endpoint import EndpointLink, RemovalReason, UserEndpoint, endpoint_id_of_topic
 from endpoint_core.errors import DomainError, Forbidden, InvalidInput, NotAuthenticated, NotFound, Unavailable
 from endpoint_core.events import masked, parse_send_event
@@ -25,6 +29,7 @@ from endpoint_core.ids import require_endpoint_id
 from endpoint_core.journal import PutIdempotency, Store, StoreUnavailable
 from endpoint_core.logtext import loggable
 from endpoint_core.principals import Principal, TokenVerifier
+from endpoint_core.ratelimit import RateLimitPolicy, TokenBuckets
 from endpoint_core.table import EndpointTable
 
 log = logging.getLogger("endpoint_broker.service")
@@ -32,12 +37,24 @@ event_log = logging.getLogger("endpoint_broker.events")
 
 
 class EndpointService:
-    def __init__(self, table: EndpointTable, verifier: TokenVerifier, store: Store | None = None,
-                 idempotency: IdempotencyKeys | None = None) -> None:
+    def __init__(
+        self,
+        table: EndpointTable,
+        verifier: TokenVerifier,
+        store: Store | None = None,
+        idempotency: IdempotencyKeys | None = None,
+        *,
+        limits: RateLimitPolicy | None = None,
+        clock: Clock = monotonic,
+    ) -> None:
         self.table = table
         self.verifier = verifier
         self.store = store
         self.idempotency = idempotency or IdempotencyKeys(300.0)
+        limits = limits or RateLimitPolicy()
+        self._register_limit = TokenBuckets(limits.register_rate_per_second, limits.register_burst, clock)
+        self._send_event_limit = TokenBuckets(limits.send_event_rate_per_second, limits.send_event_burst, clock)
+        self._connect_limit = TokenBuckets(limits.connect_rate_per_second, limits.connect_burst, clock)
 
     # ---------------------------------------------------------- durability
 
@@ -65,6 +82,7 @@ class EndpointService:
     # ------------------------------------------------------------ REST
 
     def register(self, principal: Principal, body: object) -> UserEndpoint:
+        self._register_limit.take(_caller(principal), "registrations")
         command = _object(body)
         keep_alive = command.get("keepAliveSeconds")
         if isinstance(keep_alive, bool) or not isinstance(keep_alive, int):
@@ -162,6 +180,7 @@ class EndpointService:
 
     def _send_event(self, principal: Principal, body: object) -> tuple[int, bool]:
         """(endpoints that took the event, whether any of them journalled it)."""
+        self._send_event_limit.take(_caller(principal), "events")
         command = parse_send_event(_object(body))
         organization_id = self._target_organization(principal, command.organization_id)
         if command.endpoint_id is not None:
@@ -219,6 +238,7 @@ class EndpointService:
         already past it (accepted by the verifier's clock-skew leeway) is refused."""
         if principal.expires_at <= time.time():
             raise NotAuthenticated("token has expired", "Authorization")
+        self._connect_limit.take(endpoint_id, "CONNECTs for this client id")
         return self.table.connect(
             principal.user_id, principal.organization_id, endpoint_id, mqtt_keep_alive, link,
             persistent_session,
@@ -262,6 +282,11 @@ class EndpointService:
             raise Forbidden("organizationId differs from the token's organisation", "organizationId")
         assert principal.organization_id is not None  # the verifier guarantees it for users
         return principal.organization_id
+
+
+def _caller(principal: Principal) -> tuple[str, str | None, bool]:
+    """Whose bucket a request takes from: the user in its organisation, or the SERVICE client."""
+    return principal.user_id, principal.organization_id, principal.is_service
 
 
 def _object(body: object) -> Mapping[str, Any]:

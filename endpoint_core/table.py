@@ -40,6 +40,7 @@ import heapq
 import itertools
 import logging
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -91,6 +92,8 @@ class TablePolicy:
     max_endpoints_per_user: int = 100
     # How long an unregister with `"block": true` refuses CONNECTs for the id (a logout that sticks).
     unregister_block_seconds: float = 60.0
+    # A regular expression every new endpoint id must fully match (REST and CONNECT); None: any id.
+    endpoint_id_pattern: str | None = None
 
 
 @dataclass(slots=True)
@@ -117,6 +120,7 @@ class EndpointTable:
         self._clock = clock
         self._journal: Journal = journal or _NoJournal()
         self._event_seq = itertools.count(1)
+        self._id_pattern = re.compile(self.policy.endpoint_id_pattern) if self.policy.endpoint_id_pattern else None
         self._by_id: dict[str, UserEndpoint] = {}
         self._by_owner: dict[tuple[str, str], dict[str, UserEndpoint]] = {}
         self._heap: list[tuple[float, int, UserEndpoint]] = []
@@ -156,7 +160,10 @@ class EndpointTable:
         """Register (or re-register) an endpoint over REST. Returns it and whether it is new."""
         owner_org = self._require_organization(organization_id)
         self._check_keep_alive(keep_alive_seconds)
-        endpoint_id = new_endpoint_id() if endpoint_id is None else require_endpoint_id(endpoint_id)
+        endpoint_id = (
+            new_endpoint_id() if endpoint_id is None
+            else require_endpoint_id(endpoint_id, pattern=self._id_pattern)
+        )
         now = self._clock()
         endpoint = self._by_id.get(endpoint_id)
         if endpoint is None:
@@ -238,7 +245,7 @@ class EndpointTable:
         of the same endpoint is closed: the newest connection wins.
         """
         owner_org = self._require_organization(organization_id)
-        require_endpoint_id(endpoint_id, "client id")
+        require_endpoint_id(endpoint_id, "client id", self._id_pattern)
         if endpoint_id in self._blocked:
             raise Forbidden(f"endpoint {endpoint_id!r} was logged out; reconnecting is refused for a while",
                             "client id")
@@ -612,4 +619,6 @@ class EndpointTable:
     @staticmethod
     def _check_owner(endpoint: UserEndpoint, user_id: str, organization_id: str) -> None:
         if endpoint.user_id != user_id or endpoint.organization_id != organization_id:
-            raise Conflict(f"endpoint id {endpoint.id!r} is registered to another user", "userEndpointId")
+            # Nothing about the owner (not even whether it is in the caller's organisation):
+            # ids are global, and a 409 must not become a probe across organisations.
+            raise Conflict(f"endpoint id {endpoint.id!r} is taken; choose another (use a UUID)", "userEndpointId")

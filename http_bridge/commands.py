@@ -24,7 +24,7 @@ from endpoint_core.principals import Principal
 from endpoint_core.service import EndpointService
 from http_bridge import websocket
 from http_bridge.problems import PROBLEM_JSON, problem_body, problem_headers, status_of
-from http_bridge.requests import check_declared_length, check_length, parse_json
+from http_bridge.requests import authorization_of, check_declared_length, check_length, parse_json
 
 PREFIX = "/rtc-api/users/endpoints"
 JSON = b"application/json"
@@ -94,17 +94,17 @@ class CommandEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = scope["app"].state
         service: EndpointService = state.service
-        headers = dict(scope["headers"])
         try:
-            principal = service.authenticate_bearer(_text(headers.get(b"authorization")))
-            body = await _read_body(receive, _text(headers.get(b"content-length")), state.max_body_bytes)
+            principal = service.authenticate_bearer(authorization_of(scope["headers"]))
+            content_length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+            body = await _read_body(receive, _text(content_length), state.max_body_bytes)
             if body is None:
                 return  # the client went away
-            status, payload = await self.command(service, principal, parse_json(body), headers)
+            status, payload = await self.command(service, principal, parse_json(body), dict(scope["headers"]))
         except DomainError as error:
             status = status_of(error)
             await _respond(send, status, problem_body(status, error.title, error.detail, error.field),
-                           PROBLEM_JSON.encode(), problem_headers(status))
+                           PROBLEM_JSON.encode(), problem_headers(status, error))
             return
         await _respond(send, status, payload, JSON)
 

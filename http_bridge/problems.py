@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 
 import orjson
@@ -17,6 +18,7 @@ from endpoint_core.errors import (
     InvalidInput,
     NotAuthenticated,
     NotFound,
+    RateLimited,
     Unavailable,
     Unprocessable,
 )
@@ -38,6 +40,7 @@ STATUS_OF: dict[type[DomainError], int] = {
     Conflict: 409,
     PayloadTooLarge: 413,
     Unprocessable: 422,
+    RateLimited: 429,
     Unavailable: 503,
 }
 
@@ -53,8 +56,13 @@ def problem_body(status: int, title: str, detail: str, field: str | None = None)
     return orjson.dumps(body)
 
 
-def problem_headers(status: int) -> dict[str, str]:
-    return {"WWW-Authenticate": 'Bearer error="invalid_token"'} if status == 401 else {}
+def problem_headers(status: int, error: DomainError | None = None) -> dict[str, str]:
+    if status == 401:
+        return {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+    if isinstance(error, RateLimited):
+        # Whole seconds (RFC 9110, 10.2.3), rounded up so that a retry at once finds a token.
+        return {"Retry-After": str(max(1, math.ceil(error.retry_after_seconds)))}
+    return {}
 
 
 def problem(
@@ -66,7 +74,8 @@ def problem(
 
 async def domain_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, DomainError)
-    return problem(status_of(exc), exc.title, exc.detail, exc.field)
+    status = status_of(exc)
+    return problem(status, exc.title, exc.detail, exc.field, headers=problem_headers(status, exc))
 
 
 async def http_error(request: Request, exc: Exception) -> Response:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
@@ -19,7 +20,16 @@ def service_of(request: Request) -> EndpointService:
 
 
 def principal_of(request: Request) -> Principal:
-    return service_of(request).authenticate_bearer(request.headers.get("authorization"))
+    return service_of(request).authenticate_bearer(authorization_of(request.scope["headers"]))
+
+
+def authorization_of(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The one Authorization header, or None. Two are refused: which one counts would
+    depend on the code reading them (a first-wins reader and a last-wins reader disagree)."""
+    found = [value for name, value in headers if name == b"authorization"]
+    if len(found) > 1:
+        raise InvalidInput("more than one Authorization header", "Authorization")
+    return found[0].decode("latin-1") if found else None
 
 
 def check_declared_length(content_length: str | None, limit: int) -> None:

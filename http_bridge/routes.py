@@ -11,6 +11,7 @@ from starlette.routing import Route, request_response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from http_bridge.commands import ENDPOINTS, PREFIX
+from http_bridge.openapi import HEALTH_PATH, OPENAPI_PATH, openapi_json
 from http_bridge.problems import problem
 from http_bridge.requests import principal_of, service_of
 from http_bridge.responses import json_response
@@ -64,5 +65,6 @@ routes = [
     Route(PREFIX, ByMethod(GET=request_response(list_endpoints), POST=ENDPOINTS[PREFIX]), methods=["GET", "POST"]),
     *(Route(path, endpoint, methods=["POST"]) for path, endpoint in ENDPOINTS.items() if path != PREFIX),
     Route(PREFIX + "/{endpoint_id}", get_endpoint, methods=["GET"]),
-    Route("/healthz", healthz, methods=["GET"]),
+    Route(HEALTH_PATH, healthz, methods=["GET"]),
+    Route(OPENAPI_PATH, openapi_json, methods=["GET"]),  # no token: the contract is public
 ]

@@ -94,6 +94,7 @@ class ServiceProcess:
     secret: str | None = SECRET
     soft_file_limit: int | None = None  # start the process with this soft RLIMIT_NOFILE
     tls: ssl.SSLContext | None = None  # the client context for a service started with TLS: HTTPS then
+    file_limit: int | None = None  # start the process with this soft and hard RLIMIT_NOFILE
 
     def __post_init__(self) -> None:
         self.mqtt_port = free_port()
@@ -123,7 +124,7 @@ class ServiceProcess:
         self.process = subprocess.Popen(
             command, cwd=ROOT, env=env,
             stdout=self.stdout_path.open("ab"), stderr=self.stderr_path.open("ab"),
-            preexec_fn=self._lower_file_limit if self.soft_file_limit else None,  # noqa: PLW1509
+            preexec_fn=self._lower_file_limit if self.soft_file_limit or self.file_limit else None,  # noqa: PLW1509
         )
         if wait:
             self.wait_ready()
@@ -137,6 +138,9 @@ class ServiceProcess:
     def _lower_file_limit(self) -> None:
         import resource
 
+        if self.file_limit:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.file_limit, self.file_limit))
+            return
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (self.soft_file_limit, hard))
 

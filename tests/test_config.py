@@ -40,6 +40,7 @@ def test_precedence_file_then_environment_then_flags(tmp_path: Path) -> None:
     ({"ENDPOINT_BROKER_LOG_LEVEL": "verbose"}, "log_level"),
     ({"ENDPOINT_BROKER_MAX_ENDPOINTS_PER_USER": "0"}, "max_endpoints_per_user"),
     ({"ENDPOINT_BROKER_DEFAULT_MQTT_KEEP_ALIVE_SECONDS": "0"}, "default_mqtt_keep_alive_seconds"),
+    ({"ENDPOINT_BROKER_ENDPOINT_ID_PATTERN": "[a-"}, "endpoint_id_pattern"),
 ])
 def test_malformed_settings_are_refused_with_their_name(environ: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):

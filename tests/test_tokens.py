@@ -77,8 +77,45 @@ def test_a_user_without_organisation_is_refused(verifier: JwtVerifier) -> None:
     assert "organization_id" in refused(verifier, hs256(organization_id=None))
 
 
-def test_numeric_organisation_ids_become_strings(verifier: JwtVerifier) -> None:
-    assert verifier.verify(hs256(organization_id=42)).organization_id == "42"
+@pytest.mark.parametrize("organization", [42, 0, True, ["acme"], {"id": "acme"}, ""])
+def test_an_organisation_must_be_a_non_empty_string(verifier: JwtVerifier, organization: object) -> None:
+    # 5 and "5" would otherwise be the same organisation.
+    assert "organization_id" in refused(verifier, hs256(organization_id=organization))
+
+
+@pytest.mark.parametrize("user", [0, [], "", None, 7, {"id": "x"}])
+def test_a_present_but_unusable_user_claim_never_falls_back_to_sub(verifier: JwtVerifier, user: object) -> None:
+    payload = claims(sub="bob")
+    payload["userId"] = user
+    detail = refused(verifier, jwt.encode(payload, SECRET, algorithm="HS256"))
+    assert "'userId'" in detail
+
+
+@pytest.mark.parametrize("bad", [
+    "+", "#", "a/b", "a+b", "a#b", "eve\nINFO forged line", "nul\x00", "esc\x1b[31m", "del\x7f", "c1\x85",
+    "rtl\u202eoverride", "zero\u200bwidth", "line\u2028separator", "x" * 257,
+])
+@pytest.mark.parametrize("claim", ["userId", "organization_id"])
+def test_ids_that_go_into_topics_and_logs_are_refused(verifier: JwtVerifier, claim: str, bad: str) -> None:
+    detail = refused(verifier, hs256(**{claim: bad}))
+    assert repr(claim) in detail and "must" in detail
+
+
+def test_ordinary_unicode_ids_are_accepted(verifier: JwtVerifier) -> None:
+    principal = verifier.verify(hs256(userId="José Müller 日本", organization_id="org:acme.eu-1"))
+    assert (principal.user_id, principal.organization_id) == ("José Müller 日本", "org:acme.eu-1")
+
+
+def test_a_future_iat_is_reported_as_iat(verifier: JwtVerifier) -> None:
+    detail = refused(verifier, hs256(iat=int(time.time()) + 600))
+    assert "iat" in detail and "nbf" not in detail
+
+
+@pytest.mark.parametrize("secret", ["x", "0123456789abcdef0123456789abcde"])
+def test_hs256_secrets_shorter_than_32_bytes_are_refused(secret: str) -> None:
+    with pytest.raises(ValueError, match="32 bytes"):
+        JwtVerifier(secret=secret)
+    JwtVerifier(secret=secret + "0" * (32 - len(secret)))  # exactly 32 bytes is enough
 
 
 def test_expired(verifier: JwtVerifier) -> None:
@@ -90,7 +127,8 @@ def test_expiry_within_leeway_is_accepted(verifier: JwtVerifier) -> None:
 
 
 def test_not_yet_valid(verifier: JwtVerifier) -> None:
-    assert "nbf" in refused(verifier, hs256(nbf=int(time.time()) + 60))
+    detail = refused(verifier, hs256(nbf=int(time.time()) + 60))
+    assert "nbf" in detail and "iat" not in detail
 
 
 def test_exp_is_required(verifier: JwtVerifier) -> None:

@@ -1,0 +1,151 @@
+"""HTTP connections that cannot exhaust the process: a deadline per request, a cap, a reserve.
+
+uvicorn reads no request within a deadline: an idle socket, headers sent one
+byte a second (slowloris) or a body shorter than its Content-Length are kept
+forever, and each holds a file descriptor. Enough of them and the MQTT
+listener's accept() fails too. `guarded_protocol` makes uvicorn's httptools
+protocol:
+
+- close a connection whose request has not arrived whole (headers and body)
+  within `request_timeout_seconds` of the connection opening or of the previous
+  response ending (uvicorn's own keep-alive timeout, 5 s, still closes idle
+  keep-alive connections sooner). An upgraded WebSocket (/ws) is no longer an
+  HTTP request: it has no deadline, MQTT's keep-alive governs it;
+- hold at most `max_connections` connections. uvicorn counts HTTP and WebSocket
+  connections together, so /ws connections count against the cap;
+- beyond the cap, keep HEALTH_OVERFLOW more connections for GET /healthz only,
+  with a short deadline and one request each: anything else gets a 503 problem
+  and the connection is closed. Connections beyond that are closed at once.
+
+uvicorn's `limit_concurrency` is not used: over its limit it answers 503 to
+every request, /healthz included, and still keeps the sockets.
+
+The cap is also kept below the process's open-file limit, less a reserve of
+descriptors (`fd_reserve`), so that MQTT connections, /healthz and the log
+files keep working while HTTP is saturated (see `max_connections_for`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from http_bridge.openapi import HEALTH_PATH
+from http_bridge.problems import PROBLEM_JSON, problem_body
+
+log = logging.getLogger("endpoint_broker.http")
+
+# Connections allowed above the cap, for GET /healthz only.
+HEALTH_OVERFLOW = 16
+# How long an over-cap connection may take to send its /healthz request.
+OVERFLOW_DEADLINE_SECONDS = 2.0
+# Descriptors HTTP never takes: at least this many, or a tenth of the limit.
+MIN_FD_RESERVE = 64
+
+_OVER_CAPACITY = problem_body(503, "Service unavailable", "too many HTTP connections; retry later")
+
+
+def fd_reserve(file_limit: int) -> int:
+    return max(MIN_FD_RESERVE, file_limit // 10)
+
+
+def max_connections_for(configured: int, file_limit: int | None) -> int:
+    """The HTTP connection cap: `configured`, but never into the descriptors kept for MQTT and /healthz."""
+    if file_limit is None:
+        return configured
+    return max(1, min(configured, file_limit - fd_reserve(file_limit) - HEALTH_OVERFLOW))
+
+
+def guarded_protocol(*, request_timeout_seconds: float, max_connections: int) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol with a request deadline and a connection cap (pass as `http=`)."""
+
+    class GuardedHttpProtocol(HttpToolsProtocol):
+        _deadline: asyncio.TimerHandle | None = None
+        _over_capacity = False
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            open_connections = len(self.connections)  # this one included, WebSockets too
+            if open_connections > max_connections + HEALTH_OVERFLOW:
+                transport.abort()  # frees the descriptor now; nothing is read or written
+                return
+            if open_connections > max_connections:
+                self._over_capacity = True
+                self.app = _health_only(self.app)
+                self._arm(min(OVERFLOW_DEADLINE_SECONDS, request_timeout_seconds))
+            else:
+                self._arm(request_timeout_seconds)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def on_headers_complete(self) -> None:
+            super().on_headers_complete()
+            if self._over_capacity and self.cycle is not None:
+                self.cycle.keep_alive = False  # one request, then the descriptor is free again
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            if self.cycle is not None and self.cycle.response_complete:
+                # Answered before the body ended (401, 413): the connection is idle again.
+                self._arm(request_timeout_seconds)
+            else:
+                self._disarm()  # the request is whole: the app may take its time
+
+        def on_response_complete(self) -> None:
+            pipelined = bool(self.pipeline)  # the next request has already arrived whole
+            super().on_response_complete()
+            if not pipelined and not self.transport.is_closing():
+                self._arm(request_timeout_seconds)
+
+        def handle_websocket_upgrade(self) -> None:
+            if self._over_capacity:
+                _write_over_capacity(self.transport)
+                return
+            self._disarm()  # an established WebSocket is not a request in progress
+            super().handle_websocket_upgrade()
+
+        def _arm(self, seconds: float) -> None:
+            self._disarm()
+            self._deadline = self.loop.call_later(seconds, self._deadline_missed)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _deadline_missed(self) -> None:
+            self._deadline = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    return GuardedHttpProtocol
+
+
+def _health_only(app: Any) -> Any:
+    """An over-cap connection may ask for /healthz; anything else gets a 503."""
+
+    async def health_only(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == HEALTH_PATH:
+            await app(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": 503, "headers": [
+            (b"content-type", PROBLEM_JSON.encode()), (b"content-length", str(len(_OVER_CAPACITY)).encode()),
+            (b"retry-after", b"1"), (b"connection", b"close"),
+        ]})
+        await send({"type": "http.response.body", "body": _OVER_CAPACITY})
+
+    return health_only
+
+
+def _write_over_capacity(transport: asyncio.Transport) -> None:
+    transport.write(
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: " + PROBLEM_JSON.encode()
+        + b"\r\ncontent-length: " + str(len(_OVER_CAPACITY)).encode()
+        + b"\r\nretry-after: 1\r\nconnection: close\r\n\r\n" + _OVER_CAPACITY
+    )
+    transport.close()

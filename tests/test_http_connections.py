@@ -1,0 +1,116 @@
+"""Slow and idle HTTP clients cannot exhaust the process (real sockets against the real process)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from http_bridge.connections import HEALTH_OVERFLOW, MIN_FD_RESERVE, max_connections_for
+from tests.support import RawMqtt, ServiceProcess, event, paho_client, token, wait_until
+
+
+def open_socket(process: ServiceProcess, first_bytes: bytes = b"") -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", process.http_port), timeout=5)
+    if first_bytes:
+        sock.sendall(first_bytes)
+    sock.setblocking(False)
+    return sock
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """Whether the server has closed `sock` (EOF or reset); never blocks."""
+    try:
+        return sock.recv(65536) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def test_the_cap_leaves_descriptors_for_mqtt_and_healthz() -> None:
+    assert max_connections_for(10_000, None) == 10_000
+    assert max_connections_for(10_000, 1_000_000) == 10_000
+    assert max_connections_for(100, 600) == 100
+    assert max_connections_for(10_000, 600) == 600 - MIN_FD_RESERVE - HEALTH_OVERFLOW
+    assert max_connections_for(10_000, 10_000) == 10_000 - 1_000 - HEALTH_OVERFLOW  # a tenth is kept
+    assert max_connections_for(10_000, 10) == 1
+
+
+def test_requests_that_do_not_arrive_in_time_are_closed_but_websockets_live_on(
+    make_service: Callable[..., ServiceProcess],
+) -> None:
+    process = make_service(env={"ENDPOINT_BROKER_HTTP_REQUEST_TIMEOUT_SECONDS": "1"})
+    bearer = token("patient")
+    with paho_client(process, "ws-tab", "patient", bearer, websocket=True) as websocket:
+        assert websocket.connect() == 0
+        assert websocket.subscribe("users/endpoints/ws-tab") == [1]
+        idle = open_socket(process)
+        slowloris = open_socket(process, b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        short_body = open_socket(process, (
+            f"POST /rtc-api/users/endpoints HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {bearer}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"keepAliveSeconds\""
+        ).encode())
+        sockets = {"idle": idle, "slowloris": slowloris, "short body": short_body}
+        closed: set[str] = set()
+        deadline = time.monotonic() + 20
+        while len(closed) < len(sockets) and time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                slowloris.send(b"X")  # one header byte at a time, each well within any idle timeout
+            closed |= {name for name, sock in sockets.items() if name not in closed and closed_by_server(sock)}
+            time.sleep(0.1)  # the slowloris pace, not a synchronisation
+        assert closed == set(sockets)
+        # The WebSocket connected before them, so it has outlived the request deadline: still served.
+        assert process.send_event(bearer, {"userId": "patient", "qos": 1, "event": event(n=1)}).json() == 1
+        assert json_of(websocket.next_message()) == 1
+        with process.http(bearer) as http:  # and ordinary requests still work
+            assert http.get("/rtc-api/users/endpoints/ws-tab").json()["connected"] is True
+    for sock in sockets.values():
+        sock.close()
+
+
+def json_of(message: object) -> int:
+    import json
+
+    return int(json.loads(message.payload)["n"])  # type: ignore[attr-defined]
+
+
+def test_mqtt_and_healthz_answer_while_http_is_saturated(make_service: Callable[..., ServiceProcess]) -> None:
+    # 256 descriptors in all; 400 idle HTTP sockets would take every one of them.
+    process = make_service(file_limit=256, env={"ENDPOINT_BROKER_HTTP_REQUEST_TIMEOUT_SECONDS": "120"})
+    cap = max_connections_for(10_000, 256)
+    attackers = [socket.create_connection(("127.0.0.1", process.http_port), timeout=5) for _ in range(400)]
+    try:
+        for sock in attackers:
+            sock.setblocking(False)
+        assert process.process is not None
+        descriptors = Path(f"/proc/{process.process.pid}/fd")
+        wait_until(lambda: len(list(descriptors.iterdir())) >= cap, timeout=30)  # the attack has landed
+        bearer = token("still-served")
+        with RawMqtt(process.mqtt_port) as client:
+            assert client.connect("saturated-tab", "still-served", bearer) == (0, False)
+        health = wait_until(lambda: _healthz(process), timeout=30)  # once the overflow's 2 s deadlines pass
+        assert health["status"] == "ok" and health["endpoints"] == 1
+        refused = httpx.get(process.base_url + "/rtc-api/users/endpoints", timeout=10,
+                            headers={"Authorization": f"Bearer {bearer}"})
+        assert refused.status_code == 503 and refused.headers["content-type"] == "application/problem+json"
+        # HTTP holds the cap and the /healthz overflow (2 s each at most); the rest were closed at once.
+        assert wait_until(lambda: sum(closed_by_server(s) for s in attackers) >= 400 - cap, timeout=30)
+        assert process.process.poll() is None
+    finally:
+        for sock in attackers:
+            sock.close()
+    with process.http(token("still-served")) as http:  # the attack is over: served again
+        assert wait_until(lambda: http.get("/rtc-api/users/endpoints").status_code == 200, timeout=30)
+
+
+def _healthz(process: ServiceProcess) -> dict[str, object] | None:
+    try:
+        response = httpx.get(process.base_url + "/healthz", timeout=3)
+    except httpx.HTTPError:
+        return None
+    return response.json() if response.status_code == 200 else None  # type: ignore[no-any-return]
