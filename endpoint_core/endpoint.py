@@ -66,6 +66,11 @@ class EndpointLink(Protocol):
         """Start closing the connection. The link detaches itself later, never from inside this call."""
         ...
 
+    @property
+    def transport_name(self) -> str:
+        """How the client is connected: "tcp", "tls" or "websocket"."""
+        ...
+
 
 def endpoint_topics(endpoint_id: str, user_id: str) -> tuple[str, str]:
     """The topics an endpoint may subscribe to: the spec's form and the per-user form."""

@@ -41,6 +41,7 @@ import itertools
 import logging
 import math
 import re
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -68,6 +69,7 @@ from endpoint_core.journal import (
     Snapshot,
     StoredEvent,
 )
+from endpoint_core.lifecycle import LifecycleEvent, LifecycleType
 from endpoint_core.outbox import Outbox, PendingEvent
 from endpoint_core.reminders import keepalive_reminder
 
@@ -97,6 +99,14 @@ class TablePolicy:
 
 
 @dataclass(slots=True)
+class TableStats:
+    """Plain counters on hot paths, read at scrape time (no lock, no labelled lookup per packet)."""
+
+    keepalives_rest: int = 0
+    keepalives_mqtt: int = 0
+
+
+@dataclass(slots=True)
 class DeliveryReport:
     delivered: int = 0  # QoS 0: written to a live subscription. QoS 1: queued or sent.
     full: list[str] = field(default_factory=list)  # endpoints whose queue could not take it
@@ -119,6 +129,9 @@ class EndpointTable:
         self.policy = policy or TablePolicy()
         self._clock = clock
         self._journal: Journal = journal or _NoJournal()
+        # Called with every lifecycle event, synchronously (endpoint_core.lifecycle).
+        self.observers: list[Callable[[LifecycleEvent], None]] = []
+        self.stats = TableStats()
         self._event_seq = itertools.count(1)
         self._id_pattern = re.compile(self.policy.endpoint_id_pattern) if self.policy.endpoint_id_pattern else None
         self._by_id: dict[str, UserEndpoint] = {}
@@ -173,6 +186,8 @@ class EndpointTable:
             self._blocked.pop(endpoint_id, None)
             return endpoint, True
         self._check_owner(endpoint, user_id, owner_org)
+        changed = (endpoint.keep_alive_seconds, endpoint.server_keep_alive_reminder_on, endpoint.origin) \
+            != (keep_alive_seconds, reminder_on, Origin.REST)
         # Updated in place; a REST registration also takes ownership of the
         # lifecycle, so a later clean MQTT DISCONNECT no longer unregisters it.
         endpoint.keep_alive_seconds = keep_alive_seconds
@@ -182,15 +197,19 @@ class EndpointTable:
         self._keepalive(endpoint, now)
         self._arm(endpoint, now)
         self._journal_endpoint(endpoint)
+        if changed:
+            self._emit(LifecycleType.REGISTERED, endpoint)
         return endpoint, False
 
     def keepalive(self, endpoint: UserEndpoint) -> None:
         if not endpoint.removed:
+            self.stats.keepalives_rest += 1
             self._keepalive(endpoint, self._clock())
 
     def touch(self, endpoint: UserEndpoint, link: EndpointLink) -> None:
         """Any packet from an attached MQTT client: a keepalive, if `link` is still the live one."""
         if endpoint.link is link:
+            self.stats.keepalives_mqtt += 1
             self._keepalive(endpoint, self._clock())
 
     def remove(self, endpoint: UserEndpoint, reason: RemovalReason, detail: str = "", block: bool = False) -> None:
@@ -223,7 +242,10 @@ class EndpointTable:
         self._journal.append((DeleteEndpoint(endpoint.id),))
         log.info("endpoint %s removed: %s%s", endpoint.id, reason, f" ({detail})" if detail else "")
         if link is not None:
-            link.close(DisconnectReason.EXPIRED if reason is RemovalReason.EXPIRED else DisconnectReason.UNREGISTERED)
+            closing = DisconnectReason.EXPIRED if reason is RemovalReason.EXPIRED else DisconnectReason.UNREGISTERED
+            self._emit(LifecycleType.DISCONNECTED, endpoint, reason=closing)
+            link.close(closing)
+        self._emit(LifecycleType.UNREGISTERED, endpoint, reason=reason)
 
     def is_blocked(self, endpoint_id: str) -> bool:
         return endpoint_id in self._blocked
@@ -267,6 +289,9 @@ class EndpointTable:
                 self._journal_endpoint(endpoint)
             self._keepalive(endpoint, now)
         previous, endpoint.link, endpoint.link_keep_alive = endpoint.link, link, mqtt_keep_alive
+        if previous is not None and previous is not link:
+            self._emit(LifecycleType.DISCONNECTED, endpoint, reason=DisconnectReason.TAKEN_OVER)
+        self._emit(LifecycleType.CONNECTED, endpoint, transport=link.transport_name)
         self._arm(endpoint, now)
         session_present = persistent_session and endpoint.persistent_session and bool(endpoint.subscriptions)
         stored_session = endpoint.persistent_session and bool(endpoint.subscriptions)
@@ -289,6 +314,7 @@ class EndpointTable:
             # Nothing watched a keep-alive-0 connection: its end is its last sign of life.
             endpoint.last_keepalive = self._clock()
         endpoint.link, endpoint.link_keep_alive = None, None
+        self._emit(LifecycleType.DISCONNECTED, endpoint, reason=reason)
         if not endpoint.persistent_session:
             endpoint.subscriptions = {}
         if endpoint.outbox is not None:
@@ -468,9 +494,10 @@ class EndpointTable:
             return
         if now >= deadline:
             if endpoint.state is not EndpointState.SICK:
-                endpoint.state = EndpointState.SICK
+                previous_state, endpoint.state = endpoint.state, EndpointState.SICK
                 endpoint.version += 1
                 self._journal_endpoint(endpoint)
+                self._emit(LifecycleType.STATE_CHANGED, endpoint, previous_state=previous_state)
                 log.info("endpoint %s is SICK: no keepalive for %ss", endpoint.id, self._period(endpoint))
         elif (
             endpoint.server_keep_alive_reminder_on
@@ -550,15 +577,34 @@ class EndpointTable:
         self._by_owner.setdefault(owner, {})[endpoint_id] = endpoint
         self._arm(endpoint, now)
         self._journal_endpoint(endpoint)
+        self._emit(LifecycleType.REGISTERED, endpoint)
         return endpoint
 
     def _keepalive(self, endpoint: UserEndpoint, now: float) -> None:
         endpoint.last_keepalive = now
         endpoint.reminder_sent = False
         if endpoint.state is not EndpointState.HEALTHY:
-            endpoint.state = EndpointState.HEALTHY
+            previous_state, endpoint.state = endpoint.state, EndpointState.HEALTHY
             endpoint.version += 1
             self._journal_endpoint(endpoint)
+            self._emit(LifecycleType.STATE_CHANGED, endpoint, previous_state=previous_state)
+
+    def _emit(self, kind: LifecycleType, endpoint: UserEndpoint, *, previous_state: EndpointState | None = None,
+              reason: str | None = None, transport: str | None = None) -> None:
+        """The one place lifecycle events come from: called inside the transitions themselves."""
+        if not self.observers:
+            return
+        event = LifecycleEvent(
+            kind, time.time(), endpoint.id, endpoint.user_id, endpoint.organization_id, endpoint.state.value,
+            endpoint.version, endpoint.origin.name, endpoint.keep_alive_seconds,
+            None if previous_state is None else previous_state.value, reason, transport,
+        )
+        for observer in self.observers:
+            try:
+                observer(event)
+            except Exception:
+                # An observer's bug must not undo or half-apply a transition.
+                log.exception("lifecycle observer failed on %s of %s", kind, endpoint.id)
 
     # --------------------------------------------------------------- journal
 
@@ -603,6 +649,7 @@ class EndpointTable:
             self._by_owner.setdefault((record.organization_id, record.user_id), {})[record.id] = endpoint
             self._arm(endpoint, now)
             self._journal_endpoint(endpoint)
+            self._emit(LifecycleType.STATE_CHANGED, endpoint)  # to UNKNOWN: nobody knows since when
         self._event_seq = itertools.count(last_seq + 1)
 
     def _check_keep_alive(self, keep_alive_seconds: int) -> None:

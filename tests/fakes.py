@@ -24,6 +24,7 @@ class FakeLink:
     sent: list[tuple[str, bytes, int, int | None, bool]] = field(default_factory=list)
     closed: list[DisconnectReason] = field(default_factory=list)
     accepts: bool = True  # False: the connection can no longer carry a PUBLISH
+    transport_name: str = "tcp"
 
     def publish(self, topic: str, payload: bytes, qos: int, packet_id: int | None, dup: bool) -> bool:
         if self.accepts:

@@ -24,6 +24,7 @@ from endpoint_core.journal import (
     StoreStats,
     StoreUnavailable,
 )
+from endpoint_core.lifecycle import LifecycleEvent, LifecycleType
 from endpoint_core.principals import Principal
 from endpoint_core.service import EndpointService
 from endpoint_core.table import EndpointTable, TablePolicy
@@ -245,3 +246,64 @@ async def test_a_retry_after_a_failed_commit_delivers_nothing_again_and_answers_
     store.healthy = True
     assert await service.send_event_durably(principal, body, "key-1") == 1
     assert len(link.sent) == 1  # delivered once
+
+
+# ------------------------------------------------------------------ lifecycle events
+
+
+def test_every_transition_produces_its_lifecycle_event_in_order(clock: Clock) -> None:
+    table = EndpointTable(TablePolicy(), clock)
+    seen: list[LifecycleEvent] = []
+    table.observers.append(seen.append)
+    endpoint, _ = table.register("u", "o", "e1", 2, False)
+    table.register("u", "o", "e1", 2, False)  # nothing changed: no event
+    table.register("u", "o", "e1", 3, False)
+    old, new = FakeLink(), FakeLink(transport_name="websocket")
+    table.connect("u", "o", "e1", 3, old, False)
+    table.connect("u", "o", "e1", 3, new, False)
+    table.disconnect(endpoint, old, DisconnectReason.DROPPED)  # late: the old link is no longer attached
+    table.disconnect(endpoint, new, DisconnectReason.DROPPED)
+    advance(table, clock, 3.1)
+    table.keepalive(endpoint)
+    advance(table, clock, 5.0)
+    assert [(e.type, e.previous_state, e.reason, e.transport, e.state) for e in seen] == [
+        (LifecycleType.REGISTERED, None, None, None, "HEALTHY"),
+        (LifecycleType.REGISTERED, None, None, None, "HEALTHY"),
+        (LifecycleType.CONNECTED, None, None, "tcp", "HEALTHY"),
+        (LifecycleType.DISCONNECTED, None, "taken over", None, "HEALTHY"),
+        (LifecycleType.CONNECTED, None, None, "websocket", "HEALTHY"),
+        (LifecycleType.DISCONNECTED, None, "dropped", None, "HEALTHY"),
+        (LifecycleType.STATE_CHANGED, "HEALTHY", None, None, "SICK"),
+        (LifecycleType.STATE_CHANGED, "SICK", None, None, "HEALTHY"),
+        (LifecycleType.STATE_CHANGED, "HEALTHY", None, None, "SICK"),
+        (LifecycleType.UNREGISTERED, None, "expired", None, "SICK"),
+    ]
+    body = seen[0].to_json()
+    assert body["type"] == "UserEndpointRegisteredEvent" and body["origin"] == "REST"
+    assert (body["userId"], body["userEndpointId"], body["organizationId"]) == ("u", "e1", "o")
+    assert body["timestamp"].endswith("Z") and len(body["id"]) == 36 and body["keepAliveSeconds"] == 2
+    assert len({e.id for e in seen}) == len(seen)
+
+
+def test_an_unregister_of_a_connected_endpoint_says_disconnected_then_unregistered(clock: Clock) -> None:
+    table = EndpointTable(TablePolicy(), clock)
+    seen: list[LifecycleEvent] = []
+    table.observers.append(seen.append)
+    endpoint, _ = table.connect("u", "o", "e1", 30, FakeLink(), False)
+    table.remove(endpoint, RemovalReason.UNREGISTERED)
+    assert [(e.type, e.reason) for e in seen] == [
+        (LifecycleType.REGISTERED, None), (LifecycleType.CONNECTED, None),
+        (LifecycleType.DISCONNECTED, "unregistered"), (LifecycleType.UNREGISTERED, "unregistered"),
+    ]
+    assert seen[0].origin == "MQTT"
+
+
+def test_a_failing_observer_does_not_stop_the_transition(clock: Clock) -> None:
+    table = EndpointTable(TablePolicy(), clock)
+
+    def broken(event: LifecycleEvent) -> None:
+        raise RuntimeError("observer bug")
+
+    table.observers.append(broken)
+    endpoint, _ = table.register("u", "o", "e1", 10, False)
+    assert table.get("e1") is endpoint

@@ -1,0 +1,64 @@
+"""Lifecycle events: what backends learn when endpoints come and go.
+
+The table produces them inside its state transitions (EndpointTable._emit), so no path
+can change an endpoint's state without its event; observers (delivery to MQTT and the
+webhook, the dashboard's stream, metrics) subscribe to the table. An observer is called
+synchronously and must neither block nor call back into the table.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from endpoint_core.clock import iso_instant
+
+
+class LifecycleType(enum.StrEnum):
+    REGISTERED = "UserEndpointRegisteredEvent"
+    STATE_CHANGED = "UserEndpointStateChangedEvent"
+    CONNECTED = "UserEndpointConnectedEvent"
+    DISCONNECTED = "UserEndpointDisconnectedEvent"
+    UNREGISTERED = "UserEndpointUnregisteredEvent"
+
+
+@dataclass(frozen=True, slots=True)
+class LifecycleEvent:
+    type: LifecycleType
+    at: float  # Unix time
+    endpoint_id: str
+    user_id: str
+    organization_id: str
+    state: str
+    version: int
+    origin: str  # "REST" or "MQTT"
+    keep_alive_seconds: int
+    previous_state: str | None = None  # STATE_CHANGED
+    reason: str | None = None  # DISCONNECTED (a DisconnectReason), UNREGISTERED (a RemovalReason)
+    transport: str | None = None  # CONNECTED: "tcp", "tls" or "websocket"
+    # One id per event, the same in every copy (MQTT, webhook, stream), so receivers can deduplicate.
+    id: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+    def to_json(self) -> dict[str, Any]:
+        """The platform's event shape: type, timestamp, id, then the endpoint's fields."""
+        body: dict[str, Any] = {
+            "type": self.type.value,
+            "timestamp": iso_instant(self.at),
+            "id": self.id,
+            "userId": self.user_id,
+            "userEndpointId": self.endpoint_id,
+            "organizationId": self.organization_id,
+            "state": self.state,
+            "version": self.version,
+            "origin": self.origin,
+            "keepAliveSeconds": self.keep_alive_seconds,
+        }
+        if self.previous_state is not None:
+            body["previousState"] = self.previous_state
+        if self.reason is not None:
+            body["reason"] = self.reason
+        if self.transport is not None:
+            body["transport"] = self.transport
+        return body
