@@ -20,7 +20,7 @@ from typing import Any
 
 from bench import config, machine, report
 from bench.scenarios import Context, Record, SessionRunner, connect_deadline
-from bench.systems import SYSTEMS, mosquitto_binary, snapshot_ours
+from bench.systems import DEFAULT_SYSTEMS, SYSTEMS, mosquitto_binary, snapshot_ours
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -46,8 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small N and short windows (still 3 runs), ~5 min")
     parser.add_argument("--scenarios", type=names(config.SCENARIOS), default=config.SCENARIOS,
                         help=f"subset of {','.join(config.SCENARIOS)} (default: all)")
-    parser.add_argument("--targets", type=names(SYSTEMS), default=SYSTEMS,
-                        help="systems to measure: subset of ours,amqtt,mosquitto (default: all)")
+    parser.add_argument("--targets", type=names(SYSTEMS), default=DEFAULT_SYSTEMS,
+                        help="systems: subset of ours,ours-memory,amqtt,mosquitto (default: ours,amqtt,mosquitto)")
     parser.add_argument("--out", type=Path, help="JSON file (default: bench/results/<profile>-<time>.json)")
     parser.add_argument("--markdown", action="store_true", help="print the report as Markdown")
     parser.add_argument("--from-json", type=Path, metavar="FILE", help="only print the report of an earlier run")
@@ -128,7 +128,7 @@ async def run_all(args: argparse.Namespace) -> Results:
     workdir.mkdir(parents=True, exist_ok=True)
     prune_work(workdir.parent, keep=3)
     ours_dir = args.ours_dir.resolve() if args.ours_dir else workdir / "ours"
-    if args.ours_dir is None and "ours" in systems:
+    if args.ours_dir is None and {"ours", "ours-memory"} & set(systems):
         # The repo may be edited while the bench runs: every session measures this copy instead.
         meta["machine"]["code"] += f", snapshot {snapshot_ours(REPO, ours_dir)} taken at the start"
     ctx = Context(profile, secrets.token_urlsafe(32), workdir, args.ours_log_level, results.add, ours_dir)

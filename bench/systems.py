@@ -11,13 +11,16 @@ import hashlib
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from bench import procs
 from bench.plan import TopicStyle
 
 START_TIMEOUT_S = 30.0
-SYSTEMS = ("ours", "amqtt", "mosquitto")
+SYSTEMS = ("ours", "ours-memory", "amqtt", "mosquitto")
+# ours-memory (ours with --store memory) is measured only when named in --targets.
+DEFAULT_SYSTEMS = ("ours", "amqtt", "mosquitto")
 
 
 def mosquitto_binary() -> str | None:
@@ -49,7 +52,7 @@ class System:
 
     async def start(self) -> None:
         await self.start_broker()
-        if self.with_http and self.publisher is None and self.name != "ours":
+        if self.with_http and self.publisher is None and not isinstance(self, Ours):
             env = {**os.environ, "BENCH_JWT_SECRET": self.secret}
             self.publisher = procs.Managed(
                 "diy-publisher",
@@ -69,11 +72,17 @@ class System:
 
 
 class Ours(System):
+    """endpoint-broker with its default, durable store (SQLite in a fresh data dir per session)."""
+
     name = "ours"
     style = TopicStyle.ENDPOINT
+    store = "sqlite"
 
     async def start_broker(self) -> None:
-        env = {**os.environ, "ENDPOINT_BROKER_JWT_SECRET": self.secret, "ENDPOINT_BROKER_LOG_LEVEL": self.log_level}
+        env = {**os.environ, "ENDPOINT_BROKER_JWT_SECRET": self.secret, "ENDPOINT_BROKER_LOG_LEVEL": self.log_level,
+               # A fresh data dir per session: a store left by the last session would restore its endpoints.
+               "ENDPOINT_BROKER_STORE": self.store,
+               "ENDPOINT_BROKER_DATA_DIR": tempfile.mkdtemp(prefix=f"{self.tag}-data-", dir=self.workdir)}
         self.broker = procs.Managed(
             "endpoint-broker",
             [sys.executable, "run_broker.py", "--host", "127.0.0.1", "--mqtt-port", str(self.mqtt_port),
@@ -81,6 +90,13 @@ class Ours(System):
             self.log("broker"), env, cwd=self.ours_dir)
         await self.broker.start()
         await procs.wait_for_http(self.broker, self.http_port, "/healthz", START_TIMEOUT_S)
+
+
+class OursMemory(Ours):
+    """endpoint-broker with --store memory: what durability costs is the difference to `ours`."""
+
+    name = "ours-memory"
+    store = "memory"
 
 
 class BareAmqtt(System):
@@ -132,5 +148,6 @@ def snapshot_ours(repo: Path, destination: Path) -> str:
 
 def make_system(name: str, workdir: Path, tag: str, secret: str, with_http: bool, log_level: str,
                 ours_dir: Path = procs.REPO) -> System:
-    kinds: dict[str, type[System]] = {"ours": Ours, "amqtt": BareAmqtt, "mosquitto": Mosquitto}
+    kinds: dict[str, type[System]] = {"ours": Ours, "ours-memory": OursMemory, "amqtt": BareAmqtt,
+                                      "mosquitto": Mosquitto}
     return kinds[name](workdir, tag, secret, with_http, log_level, ours_dir)
