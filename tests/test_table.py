@@ -3,39 +3,14 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 
 import pytest
 
 from endpoint_core.endpoint import DisconnectReason, EndpointState, Origin, RemovalReason
 from endpoint_core.errors import Conflict, Forbidden, InvalidInput
 from endpoint_core.table import EndpointTable, TablePolicy
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@dataclass(eq=False)
-class FakeLink:
-    """Records what the table asks of a link (this stands in for a network connection, not for our code)."""
-
-    sent: list[tuple[str, bytes, int, int | None, bool]] = field(default_factory=list)
-    closed: list[DisconnectReason] = field(default_factory=list)
-    accepts: bool = True
-    transport_name: str = "tcp"
-
-    def publish(self, topic: str, payload: bytes, qos: int, packet_id: int | None, dup: bool) -> bool:
-        if self.accepts:
-            self.sent.append((topic, payload, qos, packet_id, dup))
-        return self.accepts
-
-    def close(self, reason: DisconnectReason) -> None:
-        self.closed.append(reason)
+from tests.fakes import FakeClock as Clock
+from tests.fakes import FakeLink
 
 
 @pytest.fixture
