@@ -21,6 +21,7 @@ import os
 import secrets
 import shlex
 import signal
+import socket
 import ssl
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -61,7 +62,10 @@ def claim_names(settings: Settings) -> ClaimNames:
 
 
 def build_verifier(settings: Settings, dev_secret: str | None) -> JwtVerifier:
-    public_key = Path(settings.jwt_public_key_file).read_bytes() if settings.jwt_public_key_file else None
+    try:
+        public_key = Path(settings.jwt_public_key_file).read_bytes() if settings.jwt_public_key_file else None
+    except OSError as exc:
+        raise ConfigError(f"jwt_public_key_file {settings.jwt_public_key_file!r}: {exc.strerror}") from None
     try:
         return JwtVerifier(
             secret=settings.jwt_secret or dev_secret,
@@ -104,12 +108,15 @@ def dev_secret_of(settings: Settings) -> str:
     if settings.store == "memory":
         return secrets.token_urlsafe(32)
     path = data_dir(settings) / DEV_SECRET_FILE
-    if path.exists():
-        return path.read_text().strip()
-    secret = secrets.token_urlsafe(32)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "w") as file:
-        file.write(secret + "\n")
+    try:
+        if path.exists():
+            return path.read_text().strip()
+        secret = secrets.token_urlsafe(32)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(secret + "\n")
+    except OSError as exc:
+        raise ConfigError(f"dev mode's secret file {str(path)!r}: {exc.strerror}") from None
     return secret
 
 
@@ -182,6 +189,16 @@ class Server(uvicorn.Server):
         if isinstance(captured, list):
             captured.clear()
 
+    # Called as a drain starts: the MQTT listeners stop accepting too, not only uvicorn's.
+    stop_accepting: Callable[[], None] | None = None
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # The drain's first step: stop accepting on every listener, before uvicorn finishes the
+        # HTTP requests in flight; the lifespan then closes the connections and the store.
+        if self.stop_accepting is not None:
+            self.stop_accepting()
+        await super().shutdown(sockets)
+
 
 def raise_file_limit() -> int | None:
     """Every MQTT connection holds a descriptor: use all the hard limit allows (often 1024 soft).
@@ -242,8 +259,8 @@ def serve(settings: Settings, tls: ServerTls | None) -> int:
         lifespan="on",
         log_config=None,
         access_log=settings.http_access_log,
-        # SIGTERM: stop accepting, finish the requests in flight, then the lifespan commits the
-        # journal and closes MQTT connections (http_bridge.app), all within this bound.
+        # SIGTERM: stop accepting (Server.shutdown), finish the HTTP requests in flight within this
+        # bound, then the lifespan closes the MQTT connections and commits the journal (http_bridge.app).
         timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout_seconds)),
         # A WebSocket message carries MQTT packets: cap it like a TCP packet, not at uvicorn's 16 MiB.
         ws_max_size=settings.mqtt_max_packet_bytes + 1024,
@@ -255,6 +272,7 @@ def serve(settings: Settings, tls: ServerTls | None) -> int:
         http=guarded_protocol(request_timeout_seconds=settings.http_request_timeout_seconds,
                               max_connections=max_connections),
     ))
+    server.stop_accepting = app.state.mqtt.stop_accepting
 
     async def main() -> None:
         reload_on_sighup(tls)

@@ -89,9 +89,12 @@ class EndpointBroker(Broker):
             )
             self._tcp_servers.append(server)
 
-    async def shutdown(self) -> None:
+    def stop_accepting(self) -> None:
         for server in self._tcp_servers:
             server.close()
+
+    async def shutdown(self) -> None:
+        self.stop_accepting()
         for link in list(self.links):
             link.close(DisconnectReason.SHUTDOWN)
         await super().shutdown()

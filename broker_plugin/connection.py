@@ -147,6 +147,11 @@ class MqttConnection:
             return
         self.bytes_received += len(data)
         self._buffer += data
+        if (self.held or self.phase is Phase.DECIDING_CONNECT) and len(self._buffer) > self._limits.max_packet_bytes:
+            # Nothing is parsed while an answer waits, so the packet limit is checked on the raw
+            # bytes: a client cannot make the service buffer more than one packet meanwhile.
+            self._pending_close = self._close(DisconnectReason.PROTOCOL_VIOLATION,
+                                              f"over {self._limits.max_packet_bytes} bytes sent while an answer waited")
 
     def next_event(self) -> Event | None:
         """The next event, or None when more data (or a decision on a CONNECT) is needed."""

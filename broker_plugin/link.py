@@ -32,7 +32,7 @@ from broker_plugin.connection import (
     UnsubscribeRequest,
 )
 from endpoint_core.clock import Clock
-from endpoint_core.endpoint import DisconnectReason, UserEndpoint
+from endpoint_core.endpoint import DisconnectReason, RemovalReason, UserEndpoint
 from endpoint_core.logtext import loggable
 
 if TYPE_CHECKING:
@@ -208,6 +208,8 @@ class MqttLink:
     def _on_connect(self, request: ConnectRequest) -> None:
         self.pending = False
         self._host.connect_settled(self)
+        table = self._host.table
+        created, journalled = table.get(request.client_id) is None, table.journalled
         verdict = self._host.plugin.on_connect(
             self,
             client_id=request.client_id,
@@ -223,13 +225,18 @@ class MqttLink:
         assert verdict.endpoint is not None and verdict.principal is not None
         # Attached now, so that however the connection ends from here, it detaches.
         self.endpoint = verdict.endpoint
-        # CONNACK 0 only once a registration this CONNECT made is stored.
-        self._after_commit(lambda stored: self._answer_connect(verdict, stored))
+        # CONNACK 0 only once what this CONNECT changed (a registration, a version) is stored.
+        self._after_commit(journalled, lambda stored: self._answer_connect(verdict, stored, created))
 
-    def _answer_connect(self, verdict: ConnectVerdict, stored: bool) -> None:
+    def _answer_connect(self, verdict: ConnectVerdict, stored: bool, created: bool) -> None:
         assert verdict.endpoint is not None and verdict.principal is not None
         if not stored:
             self._connection.refuse(codec.SERVER_UNAVAILABLE, "the registration could not be stored")
+            if created:
+                # Refused, so not registered: nobody may find it later. (Closing this link from the
+                # table is then a no-op: the refusal already closed the connection.)
+                self._host.table.remove(verdict.endpoint, RemovalReason.UNREGISTERED,
+                                        "its registration could not be stored")
             return
         # The connection lives until the token's `exp` (Unix time), counted on the host's clock.
         expires_at = self._host.clock() + (verdict.principal.expires_at - time.time())
@@ -242,40 +249,52 @@ class MqttLink:
 
     def _on_subscribe(self, request: SubscribeRequest, endpoint: UserEndpoint) -> None:
         plugin = self._host.plugin
+        journalled = self._host.table.journalled
         codes = []
         for topic, qos in request.topics:
             code = plugin.on_subscribe(self, endpoint, topic, qos)
             if code == codec.SUBACK_FAILURE:
                 self._log_refusal("subscription to", topic)
             codes.append(code)
-        if endpoint.persistent_session:
-            # A clean_session=0 session's subscriptions are stored before its SUBACK.
-            self._connection.held = True
-            self._after_commit(lambda stored: self._answer_subscribe(request, endpoint, codes, stored))
-        else:
-            self._answer_subscribe(request, endpoint, codes, True)
+        # A clean_session=0 session's subscriptions are stored before its SUBACK.
+        self._connection.held = True
+        self._after_commit(journalled, lambda stored: self._answer_subscribe(request, endpoint, codes, stored))
 
     def _answer_subscribe(self, request: SubscribeRequest, endpoint: UserEndpoint, codes: list[int],
                           stored: bool) -> None:
         self._connection.held = False
         if not stored:
-            # MQTT 3.1.1 has no "try later" in a SUBACK: refuse, so the client does not count on them.
+            # MQTT 3.1.1 has no "try later" in a SUBACK: refuse, and undo, so nothing is sent to
+            # a filter the client was told it does not have.
+            for topic, _ in request.topics:
+                self._host.table.unsubscribe(endpoint, self, topic)
             codes = [codec.SUBACK_FAILURE] * len(codes)
         self._connection.send_suback(request.packet_id, codes)
         if any(code != codec.SUBACK_FAILURE for code in codes):
             self._host.table.flush(endpoint, self)
 
-    def _after_commit(self, answer: Callable[[bool], None]) -> None:
-        """Call `answer(stored)` once everything journalled so far is committed: at once when it is."""
+    def _after_commit(self, journalled_before: int, answer: Callable[[bool], None]) -> None:
+        """Call `answer(stored)` once what the operation journalled is committed: at once when it
+        journalled nothing, or when the store has it already."""
+        if self._host.table.journalled == journalled_before:
+            answer(True)
+            return
         committed = self._host.committed()
         if committed.done():
-            answer(committed.exception() is None)
+            answer(not committed.cancelled() and committed.exception() is None)
             return
 
         def resume(future: asyncio.Future[None]) -> None:
-            if self._ended:
+            if self._ended or self._connection.closed:
+                return  # the connection ended while the store committed (timeout, take-over, shutdown)
+            try:
+                answer(not future.cancelled() and future.exception() is None)
+            except Exception:
+                log.exception("closing %s (%s): internal error while answering", self._name(), self.peer)
+                closed = self._connection.close(DisconnectReason.INTERNAL_ERROR)
+                if closed is not None:
+                    self._end(closed)
                 return
-            answer(not future.cancelled() and future.exception() is None)
             self._process()  # what arrived meanwhile waited behind the answer
 
         committed.add_done_callback(resume)
@@ -321,7 +340,8 @@ class MqttLink:
             self._arm_timer()  # woke early: the deadline moved later
             return
         if closed.reason is DisconnectReason.CONNECT_TIMEOUT:
-            self._host.log_refused_connect(self, "", -1, "no CONNECT in time")
+            what = "no CONNECT in time" if self.pending else "the CONNECT could not be answered in time (store)"
+            self._host.log_refused_connect(self, "", -1, what)
         self._end(closed)
 
     def _cancel_timer(self) -> None:

@@ -72,6 +72,11 @@ class MqttRuntime:
             log.info("MQTT broker listening on %s (%s)", _bind(listener.host, listener.port),
                      listener.transport_name.upper())
 
+    def stop_accepting(self) -> None:
+        """Close the MQTT listeners (the first step of a drain); connections stay until stop()."""
+        if self.broker is not None:
+            self.broker.stop_accepting()
+
     async def stop(self) -> None:
         if self.ready:
             assert self.broker is not None

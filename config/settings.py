@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from broker_plugin.connection import ConnectionLimits
+from endpoint_core.idempotency import DEFAULT_WINDOW_SECONDS
 from endpoint_core.principals import ClaimNames
 from endpoint_core.ratelimit import RateLimitPolicy
 from endpoint_core.table import TablePolicy
@@ -91,7 +92,7 @@ class Settings:
     store: str = "sqlite"
     store_synchronous: str = "full"
     store_max_bytes: int = 0  # 0: no bound but the disk's
-    idempotency_window_seconds: float = 300.0
+    idempotency_window_seconds: float = DEFAULT_WINDOW_SECONDS
     # SIGTERM/SIGINT: the drain (requests in flight, the journal, MQTT connections) takes at most this.
     shutdown_timeout_seconds: float = 10.0
 

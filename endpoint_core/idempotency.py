@@ -28,6 +28,9 @@ from endpoint_core.errors import Conflict, InvalidInput, Unprocessable
 from endpoint_core.journal import IdempotencyRecord
 
 MAX_KEY_LENGTH = 128
+DEFAULT_WINDOW_SECONDS = 300.0
+# Keys kept in memory; past it the least recently used are forgotten first (README "Security limits").
+MAX_KEYS = 100_000
 # The header the platform's clients already send "for detecting retries of the same request".
 HEADERS = ("Idempotency-Key", "X-Auvious-TransactionId")
 
@@ -56,7 +59,11 @@ def require_key(value: str, header: str) -> str:
 
 def body_digest(body: object) -> str:
     """The same request in any key order or spacing has the same digest."""
-    return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    try:
+        return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    except orjson.JSONEncodeError:
+        # orjson reads JSON nested up to 1024 levels but writes at most 254.
+        raise InvalidInput("the request body is nested too deeply (at most 254 levels)", "body") from None
 
 
 def _expiry(_key: tuple[str, str], entry: KeyEntry, _now: float) -> float:
@@ -64,7 +71,8 @@ def _expiry(_key: tuple[str, str], entry: KeyEntry, _now: float) -> float:
 
 
 class IdempotencyKeys:
-    def __init__(self, window_seconds: float, clock: Clock = time.time, max_keys: int = 100_000) -> None:
+    def __init__(self, window_seconds: float = DEFAULT_WINDOW_SECONDS, clock: Clock = time.time,
+                 max_keys: int = MAX_KEYS) -> None:
         self.window_seconds = window_seconds
         self._clock = clock
         self._entries: TLRUCache[tuple[str, str], KeyEntry] = TLRUCache(maxsize=max_keys, ttu=_expiry, timer=clock)

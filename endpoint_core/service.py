@@ -50,7 +50,7 @@ class EndpointService:
         self.table = table
         self.verifier = verifier
         self.store = store
-        self.idempotency = idempotency or IdempotencyKeys(300.0)
+        self.idempotency = idempotency or IdempotencyKeys()
         limits = limits or RateLimitPolicy()
         self._register_limit = TokenBuckets(limits.register_rate_per_second, limits.register_burst, clock)
         self._send_event_limit = TokenBuckets(limits.send_event_rate_per_second, limits.send_event_burst, clock)
@@ -163,19 +163,21 @@ class EndpointService:
                 keys.settle(scope, idempotency_key, committed=True)
             return prior.count
         try:
-            count, _ = self._send_event(principal, body)
+            # The events and their key reach the store in one append, so in one commit: a crash
+            # can never keep the events and lose the key (the retry would deliver them again).
+            with self.table.journal_batch():
+                count, _ = self._send_event(principal, body)
+                self.table.record((PutIdempotency(keys.record(scope, idempotency_key, 200, count)),))
         except DomainError:
             keys.forget(scope, idempotency_key)
             raise
-        record = keys.record(scope, idempotency_key, 200, count)
-        if self.store is not None:
-            self.store.append((PutIdempotency(record),))  # in the same commit as the events
+        stored = False
         try:
             await self.committed()
-        except Unavailable:
-            keys.settle(scope, idempotency_key, committed=False)
-            raise
-        keys.settle(scope, idempotency_key, committed=True)
+            stored = True
+        finally:
+            # Not stored (a failed commit, or the request was cancelled): a retry waits for the commit.
+            keys.settle(scope, idempotency_key, committed=stored)
         return count
 
     def _send_event(self, principal: Principal, body: object) -> tuple[int, bool]:

@@ -36,6 +36,7 @@ outnumber them, so it stays O(endpoints) however long the keepalives are.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import logging
@@ -74,6 +75,8 @@ from endpoint_core.outbox import Outbox, PendingEvent
 from endpoint_core.reminders import keepalive_reminder
 
 log = logging.getLogger("endpoint_broker.table")
+
+MAX_TIMERS_PER_PASS = 2000
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +132,11 @@ class EndpointTable:
         self.policy = policy or TablePolicy()
         self._clock = clock
         self._journal: Journal = journal or _NoJournal()
+        # Changes held back by journal_batch(), to reach the store in one append (so in one commit).
+        self._batch: list[Change] | None = None
+        # How many changes were journalled so far: an adapter compares it before and after an
+        # operation to know whether its answer must wait for the store.
+        self.journalled = 0
         # Called with every lifecycle event, synchronously (endpoint_core.lifecycle).
         self.observers: list[Callable[[LifecycleEvent], None]] = []
         self.stats = TableStats()
@@ -239,7 +247,7 @@ class EndpointTable:
         endpoint.outbox = None
         endpoint.subscriptions = {}
         link, endpoint.link, endpoint.link_keep_alive = endpoint.link, None, None
-        self._journal.append((DeleteEndpoint(endpoint.id),))
+        self.record((DeleteEndpoint(endpoint.id),))
         log.info("endpoint %s removed: %s%s", endpoint.id, reason, f" ({detail})" if detail else "")
         if link is not None:
             closing = DisconnectReason.EXPIRED if reason is RemovalReason.EXPIRED else DisconnectReason.UNREGISTERED
@@ -353,7 +361,7 @@ class EndpointTable:
         if endpoint.link is link and endpoint.outbox is not None:
             done = endpoint.outbox.acknowledge(packet_id)
             if done is not None:
-                self._journal.append((DeleteEvent(endpoint.id, done.seq),))
+                self.record((DeleteEvent(endpoint.id, done.seq),))
 
     # -------------------------------------------------------------- delivery
 
@@ -361,6 +369,12 @@ class EndpointTable:
         """Send one event to each target. QoS 1 goes through the endpoint's bounded outbox."""
         report = DeliveryReport()
         now = self._clock()
+        with self.journal_batch():  # one append for the whole fan-out
+            self._deliver(targets, payload, qos, report, now)
+        return report
+
+    def _deliver(self, targets: Iterable[UserEndpoint], payload: bytes, qos: int, report: DeliveryReport,
+                 now: float) -> None:
         for endpoint in targets:
             if endpoint.removed:
                 continue
@@ -371,12 +385,11 @@ class EndpointTable:
                 if endpoint.outbox.offer(payload, seq) is None:
                     report.full.append(endpoint.id)
                     continue
-                self._journal.append((PutEvent(StoredEvent(endpoint.id, seq, payload)),))
+                self.record((PutEvent(StoredEvent(endpoint.id, seq, payload)),))
                 report.delivered += 1
                 self._flush(endpoint, now)
             elif self._publish_once(endpoint, payload):
                 report.delivered += 1
-        return report
 
     def publish_on(self, endpoint: UserEndpoint, topic: str, payload: bytes) -> bool:
         """Best effort on one topic, if the endpoint's live link subscribed to it."""
@@ -401,7 +414,7 @@ class EndpointTable:
             if not self._send(link, outbox, event, endpoint.subscriptions):
                 break
             if outbox.mark_sent(event, now):  # done at once if no subscription awaits a PUBACK
-                self._journal.append((DeleteEvent(endpoint.id, event.seq),))
+                self.record((DeleteEvent(endpoint.id, event.seq),))
             sent_any = True
         if sent_any:
             self._arm_at(endpoint, now + self.policy.ack_timeout_seconds)
@@ -446,7 +459,11 @@ class EndpointTable:
         """Run every timer that is due: reminders, SICK, expiry and QoS 1 redelivery."""
         now = self._clock() if now is None else now
         # self._heap, not a local: a timer may re-arm and so compact (replace) the heap.
-        while self._heap and self._heap[0][0] <= now:
+        # At most MAX_TIMERS_PER_PASS at once: after a restart or a mass disconnect thousands of
+        # endpoints fall due together, and the rest waits for the next pass rather than the loop.
+        handled = 0
+        while self._heap and self._heap[0][0] <= now and handled < MAX_TIMERS_PER_PASS:
+            handled += 1
             _, token, endpoint = heapq.heappop(self._heap)
             if token != endpoint.timer_token:
                 continue  # superseded by a later arm, or the endpoint is gone
@@ -608,9 +625,31 @@ class EndpointTable:
 
     # --------------------------------------------------------------- journal
 
+    def record(self, changes: Sequence[Change]) -> None:
+        """Journal changes (the table's own, or one an operation adds to its batch, like an idempotency key)."""
+        self.journalled += len(changes)
+        if self._batch is not None:
+            self._batch.extend(changes)
+        else:
+            self._journal.append(changes)
+
+    @contextlib.contextmanager
+    def journal_batch(self) -> Iterator[None]:
+        """Everything journalled inside reaches the store in one append, so it commits together."""
+        if self._batch is not None:
+            yield  # already inside a batch
+            return
+        self._batch = []
+        try:
+            yield
+        finally:
+            batch, self._batch = self._batch, None
+            if batch:
+                self._journal.append(batch)
+
     def _journal_endpoint(self, endpoint: UserEndpoint) -> None:
         """Record the endpoint as a restart must see it (not its state or deadline: those restart)."""
-        self._journal.append((PutEndpoint(EndpointRecord(
+        self.record((PutEndpoint(EndpointRecord(
             id=endpoint.id,
             user_id=endpoint.user_id,
             organization_id=endpoint.organization_id,

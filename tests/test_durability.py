@@ -70,7 +70,7 @@ def test_a_crash_loses_no_endpoint_and_no_event_that_was_answered(
     assert answered
     for endpoint_id in (rest_id, mqtt_id):
         restored = view(service, bearer, endpoint_id)
-        assert restored["state"] == "UNKNOWN" and restored["version"] >= versions[endpoint_id] + 1
+        assert restored["state"] == "UNKNOWN" and restored["version"] == versions[endpoint_id] + 1
         assert not restored["connected"]
     # The clean_session=0 session is back, and every answered event reaches it (possibly sent before: DUP).
     with RawMqtt(service.mqtt_port) as client:
@@ -119,7 +119,7 @@ def test_a_full_store_answers_503_and_the_process_stays_up(
     service = make_service(env={"ENDPOINT_BROKER_STORE_MAX_BYTES": "65536"})
     user = f"u-{unique}"
     bearer = token(user)
-    service.register(bearer)
+    existing = service.register(bearer)
     body = {"userId": user, "qos": 1, "event": event(blob="x" * 4000)}
     with service.http(bearer) as http:
         statuses = set()
@@ -134,6 +134,19 @@ def test_a_full_store_answers_503_and_the_process_stays_up(
     health = service.health()
     assert health["store"] == "failing" and health["status"] == "degraded"
     assert service.process is not None and service.process.poll() is None
+    # A CONNECT that would register: CONNACK 3, and nothing is left registered.
+    with RawMqtt(service.mqtt_port) as client:
+        assert client.connect(f"new-{unique}", user, bearer)[0] == 3
+    assert service.view(bearer, f"new-{unique}").status_code == 404
+    # Attaching to an endpoint that is already stored changes nothing on disk: it still works,
+    # and QoS 0 events still reach it.
+    with RawMqtt(service.mqtt_port) as client:
+        assert client.connect(existing, user, bearer)[0] == 0
+        assert client.subscribe(f"users/endpoints/{existing}") == [1]
+        assert service.send_event(bearer, {"userId": user, "userEndpointId": existing,
+                                           "event": event(n=0)}).json() == 1
+        # The QoS 1 events stored before the store filled up come first, then this one.
+        assert any(client.next_publish().json().get("n") == 0 for _ in range(300))
 
 
 def test_a_store_of_an_unknown_schema_version_stops_startup(tmp_path: Any) -> None:

@@ -307,3 +307,37 @@ def test_a_failing_observer_does_not_stop_the_transition(clock: Clock) -> None:
     table.observers.append(broken)
     endpoint, _ = table.register("u", "o", "e1", 10, False)
     assert table.get("e1") is endpoint
+
+
+@dataclass
+class AppendRecorder:
+    """Keeps each append call apart: one call reaches the store whole, so it commits whole."""
+
+    calls: list[list[Change]] = field(default_factory=list)
+
+    def append(self, changes: Sequence[Change]) -> None:
+        self.calls.append(list(changes))
+
+
+async def test_the_events_and_their_idempotency_key_reach_the_store_in_one_append(clock: Clock) -> None:
+    journal = AppendRecorder()
+    table = EndpointTable(TablePolicy(), clock, journal)
+    service = EndpointService(table, verifier=None)  # type: ignore[arg-type]
+    for endpoint_id in ("e1", "e2"):
+        table.register("u", "o", endpoint_id, 60, False)
+    journal.calls.clear()
+    body = {"userId": "u", "qos": 1, "event": {"type": "CallCreatedEvent", "timestamp": "2026-01-01T00:00:00Z"}}
+    assert await service.send_event_durably(Principal("u", "o", False, 2e9), body, "key-1") == 2
+    (call,) = journal.calls
+    assert [type(change) for change in call] == [PutEvent, PutEvent, PutIdempotency]
+
+
+async def test_a_keyed_body_nested_too_deeply_to_digest_is_a_400(clock: Clock) -> None:
+    service = EndpointService(EndpointTable(TablePolicy(), clock), verifier=None)  # type: ignore[arg-type]
+    nested: object = "x"
+    for _ in range(300):
+        nested = [nested]
+    body = {"userId": "u", "event": {"type": "CallCreatedEvent", "timestamp": "2026-01-01T00:00:00Z", "n": nested}}
+    with pytest.raises(InvalidInput) as refused:
+        await service.send_event_durably(Principal("u", "o", False, 2e9), body, "key-1")
+    assert refused.value.field == "body"
