@@ -49,7 +49,7 @@ from typing import Protocol
 from cachetools import TTLCache
 
 from endpoint_core.clock import Clock, monotonic, wall_time_of
-from endpoint_core.counting import ACK_BUCKETS, BucketCounts
+from endpoint_core.counting import ACK_BUCKETS, SECONDS_BUCKETS, BucketCounts
 from endpoint_core.endpoint import (
     DisconnectReason,
     EndpointLink,
@@ -114,6 +114,8 @@ class TableStats:
     dropped_endpoint_removed: int = 0
     # From an event's last send to its last PUBACK.
     ack_seconds: BucketCounts = field(default_factory=lambda: BucketCounts(ACK_BUCKETS))
+    # One pass over the due timers (endpoint_core.expiry), in seconds of wall time.
+    timer_batch_seconds: BucketCounts = field(default_factory=lambda: BucketCounts(SECONDS_BUCKETS))
 
 
 @dataclass(slots=True)
