@@ -13,9 +13,12 @@ TRANSPORTS = ("tcp", "tls", "websocket")
 REGISTRATION_RESULTS = ("created", "updated")
 
 
+# A reason's label value is its enum name: "no CONNECT in time" -> "connect_timeout".
+_LABELS: dict[str, str] = {str(reason.value): reason.name.lower() for reason in (*DisconnectReason, *RemovalReason)}
+
+
 def label(reason: str) -> str:
-    """A reason as a label value: "protocol violation" -> "protocol_violation"."""
-    return reason.replace(" ", "_")
+    return _LABELS.get(reason, "other")
 
 
 class LifecycleCounts:
