@@ -15,9 +15,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from starlette.requests import Request
 from starlette.responses import Response
 
+from http_bridge.openapi import METRICS_PATH
+
 log = logging.getLogger("endpoint_broker.metrics")
 
-METRICS_PATH = "/metrics"
 MAX_REQUEST_HEAD_BYTES = 8 * 1024
 READ_TIMEOUT_SECONDS = 10.0
 

@@ -8,7 +8,8 @@ from typing import Any
 from starlette.routing import Route
 
 from endpoint_core.service import EndpointService
-from observability.exposition import METRICS_PATH, MetricsListener, metrics_route
+from http_bridge.openapi import METRICS_PATH
+from observability.exposition import MetricsListener, metrics_route
 from observability.lifecycle_counts import LifecycleCounts
 from observability.loop import LoopLagSampler
 from observability.metrics import Broker, Sources, StoreLike, registry_for
