@@ -41,13 +41,20 @@ class CachedTimeFormatter(logging.Formatter):
         return f"{self._text},{int(record.msecs):03d}"
 
 
-class TextFormatter(CachedTimeFormatter):
-    """FORMAT, and the request id at the end of every line an HTTP request causes."""
+class TextFormatter(logging.Formatter):
+    """FORMAT; inside an HTTP request, its id after the logger name (the message stays last, parseable)."""
+
+    def __init__(self, fmt: str) -> None:
+        super().__init__(fmt)
+        self._plain = CachedTimeFormatter(fmt)
+        self._with_id = CachedTimeFormatter(fmt.replace("%(name)s:", "%(name)s [%(request_id)s]:"))
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
         rid = request_id.get()
-        return line if rid is None else f"{line} [request_id={rid}]"
+        if rid is None:
+            return self._plain.format(record)
+        record.request_id = rid
+        return self._with_id.format(record)
 
 
 # LogRecord's own attributes: anything else on a record came from `extra=` and is a structured field.

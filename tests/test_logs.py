@@ -33,14 +33,14 @@ def test_json_lines_carry_the_fields_and_the_request_id() -> None:
     assert "request_id" not in json.loads(JsonFormatter().format(record("outside a request")))
 
 
-def test_text_lines_end_with_the_request_id_inside_a_request() -> None:
+def test_text_lines_name_the_request_id_inside_a_request() -> None:
     formatter = TextFormatter(FORMAT)
     reset = request_id.set("rid-2")
     try:
-        assert formatter.format(record("hello")).endswith("hello [request_id=rid-2]")
+        assert formatter.format(record("hello")).endswith(" INFO endpoint_broker.test [rid-2]: hello")
     finally:
         request_id.reset(reset)
-    assert formatter.format(record("hello")).endswith("hello")
+    assert formatter.format(record("hello")).endswith(" INFO endpoint_broker.test: hello")
 
 
 def test_a_request_id_is_the_clients_when_safe_and_new_otherwise() -> None:
