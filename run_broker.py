@@ -2,6 +2,7 @@
 """endpoint-broker: the MQTT broker and the HTTP bridge in one process, on one event loop.
 
     python run_broker.py [--host H] [--mqtt-port P] [--http-port P] [--config FILE] [--log-level L]
+                         [--log-format text|json] [--metrics-port P]
                          [--tls-cert FILE --tls-key FILE [--mqtts-port P] [--tls-client-ca FILE]]
     python run_broker.py token --user U --org O [--role SERVICE] [--ttl SECONDS]
     python run_broker.py genconfig > config.yaml
@@ -156,7 +157,7 @@ def build_app(settings: Settings, tls: ServerTls | None = None) -> Starlette:
 
     return create_app(service, mqtt, store, max_body_bytes=settings.max_body_bytes,
                       cors_allow_origins=settings.cors_allow_origins, on_starting=on_starting,
-                      on_started=on_started)
+                      on_started=on_started, metrics_port=settings.metrics_port, metrics_host=settings.host)
 
 
 def print_dev_banner(settings: Settings, dev_secret: str) -> None:
@@ -318,6 +319,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="HTTP bridge and MQTT over WebSocket at /ws (ENDPOINT_BROKER_HTTP_PORT, default 8080)")
     parser.add_argument("--config", metavar="FILE", help="YAML settings (ENDPOINT_BROKER_CONFIG)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING... (ENDPOINT_BROKER_LOG_LEVEL, default INFO)")
+    parser.add_argument("--log-format", choices=("text", "json"),
+                        help="text, or json: one object per line (ENDPOINT_BROKER_LOG_FORMAT, default text)")
+    parser.add_argument("--metrics-port", type=int,
+                        help="serve GET /metrics on this port only, not on the HTTP port "
+                             "(ENDPOINT_BROKER_METRICS_PORT, default 0: on the HTTP port)")
     parser.add_argument("--data-dir", metavar="DIR",
                         help="where the store keeps its file (ENDPOINT_BROKER_DATA_DIR, default data)")
     parser.add_argument("--store", choices=("sqlite", "memory"),
@@ -354,13 +360,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = {"host": args.host, "mqtt_port": args.mqtt_port, "http_port": args.http_port,
                  "log_level": args.log_level, "mqtts_port": args.mqtts_port, "tls_cert": args.tls_cert,
                  "tls_key": args.tls_key, "tls_client_ca": args.tls_client_ca, "data_dir": args.data_dir,
-                 "store": args.store}
+                 "store": args.store, "log_format": args.log_format, "metrics_port": args.metrics_port}
     try:
         settings = load_settings(os.environ, getattr(args, "token_config", None) or args.config, overrides)
         if args.command == "token":
             return mint(settings, args)
         tls = load_tls(settings)
-        configure_logging(settings.log_level)
+        configure_logging(settings.log_level, settings.log_format)
         return serve(settings, tls)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)

@@ -22,7 +22,7 @@ from typing import Any
 from amqtt.broker import Broker
 from cachetools import TTLCache
 
-from broker_plugin.connection import ConnectionLimits
+from broker_plugin.connection import ConnectionLimits, MqttCounters
 from broker_plugin.link import MqttLink, Transport
 from broker_plugin.plugin import EndpointPlugin
 from broker_plugin.tcp import TcpMqttProtocol
@@ -58,6 +58,7 @@ class EndpointBroker(Broker):
         limits: ConnectionLimits,
         max_pending_connects: int,
         clock: Clock = monotonic,
+        counters: MqttCounters | None = None,
     ) -> None:
         super().__init__(config)
         plugins = [p for p in self.plugins_manager.plugins if isinstance(p, EndpointPlugin)]
@@ -67,6 +68,7 @@ class EndpointBroker(Broker):
         self.table: EndpointTable = self.plugin.table
         self.limits = limits
         self.clock = clock
+        self.counters = counters or MqttCounters()
         self._listeners = tuple(listeners)
         self._tcp_servers: list[asyncio.AbstractServer] = []
         self._max_pending = max_pending_connects

@@ -116,12 +116,30 @@ class Phase(enum.Enum):
     CLOSED = 4
 
 
+class MqttCounters:
+    """Every connection's packets and bytes, summed broker-wide: plain integers on the hot path.
+
+    Lists are indexed by packet type (1-14); `connacks` by CONNACK return code (0-5).
+    """
+
+    __slots__ = ("bytes_in", "bytes_out", "closes", "connacks", "packets_in", "packets_out")
+
+    def __init__(self) -> None:
+        self.packets_in = [0] * 16
+        self.packets_out = [0] * 16
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.connacks = [0] * 6
+        self.closes: dict[DisconnectReason, int] = dict.fromkeys(DisconnectReason, 0)
+
+
 class MqttConnection:
-    __slots__ = ("_buffer", "_deadline", "_limits", "_outgoing", "_pending_close", "bytes_received",
+    __slots__ = ("_buffer", "_counters", "_deadline", "_limits", "_outgoing", "_pending_close", "bytes_received",
                  "bytes_sent", "held", "phase")
 
-    def __init__(self, limits: ConnectionLimits, now: float) -> None:
+    def __init__(self, limits: ConnectionLimits, now: float, counters: MqttCounters | None = None) -> None:
         self._limits = limits
+        self._counters = counters or MqttCounters()
         self._buffer = bytearray()
         self._outgoing = bytearray()
         self.phase = Phase.AWAITING_CONNECT
@@ -146,6 +164,7 @@ class MqttConnection:
         if self.phase is Phase.CLOSED:
             return
         self.bytes_received += len(data)
+        self._counters.bytes_in += len(data)
         self._buffer += data
         if (self.held or self.phase is Phase.DECIDING_CONNECT) and len(self._buffer) > self._limits.max_packet_bytes:
             # Nothing is parsed while an answer waits, so the packet limit is checked on the raw
@@ -182,6 +201,7 @@ class MqttConnection:
         data = bytes(self._outgoing)
         self._outgoing.clear()
         self.bytes_sent += len(data)
+        self._counters.bytes_out += len(data)
         return data
 
     def accept(self, session_present: bool, expires_at: float | None) -> None:
@@ -191,23 +211,27 @@ class MqttConnection:
         self.phase = Phase.CONNECTED
         self._deadline = expires_at
         self._outgoing += codec.encode_connack(session_present, codec.ACCEPTED)
+        self._count_connack(codec.ACCEPTED)
 
     def refuse(self, return_code: int, detail: str = "") -> None:
         """Answer the pending ConnectRequest with a non-zero CONNACK; the next event is `Closed`."""
         if self.phase is not Phase.DECIDING_CONNECT:
             raise RuntimeError("no CONNECT is waiting for a decision")
         self._outgoing += codec.encode_connack(False, return_code)
+        self._count_connack(return_code)
         self._pending_close = self._close(DisconnectReason.CONNECT_REFUSED, detail)
 
     def send_suback(self, packet_id: int, return_codes: list[int]) -> None:
         if self.phase is Phase.CONNECTED:
             self._outgoing += codec.encode_suback(packet_id, return_codes)
+            self._counters.packets_out[codec.SUBACK] += 1
 
     def send_publish(self, topic: str, payload: bytes, qos: int, packet_id: int | None, dup: bool) -> bool:
         """Queue one PUBLISH. False once the connection is no longer connected."""
         if self.phase is not Phase.CONNECTED:
             return False
         self._outgoing += codec.encode_publish(topic, payload, qos, packet_id, dup)
+        self._counters.packets_out[codec.PUBLISH] += 1
         return True
 
     def close(self, reason: DisconnectReason, detail: str = "") -> Closed | None:
@@ -231,6 +255,7 @@ class MqttConnection:
             return None
         body = bytes(buffer[frame.body_start:frame.body_end])
         del buffer[:frame.body_end]
+        self._counters.packets_in[frame.packet_type] += 1
         if awaiting_connect:
             return self._on_connect(frame.flags, body)
         return self._on_packet(frame.packet_type, frame.flags, body)
@@ -246,10 +271,11 @@ class MqttConnection:
                               connect.clean_session)
 
     def _on_packet(self, packet_type: int, flags: int, body: bytes) -> Event:
-        outgoing = self._outgoing
+        outgoing, sent = self._outgoing, self._counters.packets_out
         if packet_type == codec.PINGREQ:
             codec.decode_empty(packet_type, flags, body)
             outgoing += codec.PINGRESP_BYTES
+            sent[codec.PINGRESP] += 1
             return PingReceived()
         if packet_type == codec.PUBACK:
             return PubackReceived(codec.decode_packet_id_only(packet_type, flags, body))
@@ -259,19 +285,23 @@ class MqttConnection:
         if packet_type == codec.UNSUBSCRIBE:
             unsubscribe = codec.decode_unsubscribe(flags, body)
             outgoing += codec.encode_ack(codec.UNSUBACK, unsubscribe.packet_id)
+            sent[codec.UNSUBACK] += 1
             return UnsubscribeRequest(unsubscribe.topics)
         if packet_type == codec.PUBLISH:
             publish = codec.decode_publish(flags, body)
             if publish.qos == 1:
                 assert publish.packet_id is not None
                 outgoing += codec.encode_ack(codec.PUBACK, publish.packet_id)
+                sent[codec.PUBACK] += 1
             elif publish.qos == 2:
                 # Answered without keeping state: at least once, not exactly once (see README).
                 assert publish.packet_id is not None
                 outgoing += codec.encode_ack(codec.PUBREC, publish.packet_id)
+                sent[codec.PUBREC] += 1
             return PublishReceived(publish.topic, publish.payload, publish.qos, publish.retain)
         if packet_type == codec.PUBREL:
             outgoing += codec.encode_ack(codec.PUBCOMP, codec.decode_packet_id_only(packet_type, flags, body))
+            sent[codec.PUBCOMP] += 1
             return QosTwoAckReceived(packet_type)
         if packet_type in (codec.PUBREC, codec.PUBCOMP):
             codec.decode_packet_id_only(packet_type, flags, body)
@@ -283,7 +313,13 @@ class MqttConnection:
             raise ProtocolViolation("a second CONNECT")  # 3.1.0-2
         raise ProtocolViolation(f"packet type {packet_type} is not sent by clients")
 
+    def _count_connack(self, return_code: int) -> None:
+        self._counters.packets_out[codec.CONNACK] += 1
+        if 0 <= return_code < len(self._counters.connacks):
+            self._counters.connacks[return_code] += 1
+
     def _close(self, reason: DisconnectReason, detail: str = "") -> Closed:
+        self._counters.closes[reason] += 1
         self.phase = Phase.CLOSED
         self._deadline = None
         self._buffer = bytearray()

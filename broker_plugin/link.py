@@ -26,6 +26,7 @@ from broker_plugin.connection import (
     ConnectRequest,
     Event,
     MqttConnection,
+    MqttCounters,
     PubackReceived,
     PublishReceived,
     SubscribeRequest,
@@ -76,6 +77,7 @@ class LinkHost(Protocol):
     table: EndpointTable
     limits: ConnectionLimits
     clock: Clock
+    counters: MqttCounters  # broker-wide packet and byte counts (metrics)
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> asyncio.TimerHandle: ...
 
@@ -99,7 +101,7 @@ class MqttLink:
     def __init__(self, host: LinkHost, transport: Transport, peer: str, transport_name: str) -> None:
         self._host = host
         self._transport = transport
-        self._connection = MqttConnection(host.limits, host.clock())
+        self._connection = MqttConnection(host.limits, host.clock(), host.counters)
         self._timer: asyncio.TimerHandle | None = None
         self._corked = False
         self._ended = False

@@ -79,16 +79,15 @@ class EndpointPlugin(BasePlugin[BrokerContext]):
         if problem is not None:
             return ConnectVerdict(codec.IDENTIFIER_REJECTED, f"client id {problem}")
         if not username or not password:
+            self.service.stats.auth_failed("missing", "mqtt")
             return ConnectVerdict(codec.BAD_USERNAME_OR_PASSWORD, "a username and a token password are required")
         try:
             principal = self.service.verifier.verify(password)
-        except NotAuthenticated as exc:
-            return ConnectVerdict(codec.BAD_USERNAME_OR_PASSWORD, exc.detail)
-        try:
             endpoint, session_present = self.service.connect(
                 principal, client_id, keep_alive, link, persistent_session=not clean_session
             )
         except NotAuthenticated as exc:
+            self.service.stats.auth_failed(exc.reason, "mqtt")
             return ConnectVerdict(codec.BAD_USERNAME_OR_PASSWORD, exc.detail)
         except (Conflict, Forbidden) as exc:
             return ConnectVerdict(codec.NOT_AUTHORIZED, exc.detail)

@@ -8,11 +8,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker_plugin.broker import EndpointBroker, Listener
-from broker_plugin.connection import ConnectionLimits
+from broker_plugin.connection import ConnectionLimits, MqttCounters
 from broker_plugin.link import MqttLink, Transport
 from endpoint_core.service import EndpointService
 
 log = logging.getLogger("endpoint_broker.mqtt")
+
+TRANSPORTS = ("tcp", "tls", "websocket")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +47,8 @@ class MqttRuntime:
         self._service = service
         self._settings = settings
         self.broker: EndpointBroker | None = None
+        # Outlives the broker object, so counters never go back to zero while the process lives.
+        self.counters = MqttCounters()
 
     @property
     def ready(self) -> bool:
@@ -66,7 +70,8 @@ class MqttRuntime:
     async def start(self) -> None:
         s = self._settings
         # amqtt's Broker must be created inside the running loop.
-        self.broker = EndpointBroker(self.broker_config(), s.listeners(), s.limits, s.max_pending_connects)
+        self.broker = EndpointBroker(self.broker_config(), s.listeners(), s.limits, s.max_pending_connects,
+                                     counters=self.counters)
         await self.broker.start()
         for listener in s.listeners():
             log.info("MQTT broker listening on %s (%s)", _bind(listener.host, listener.port),
@@ -87,6 +92,13 @@ class MqttRuntime:
         if self.broker is None:
             return {"connections": 0, "pendingConnects": 0}
         return {"connections": len(self.broker.links), "pendingConnects": self.broker.pending_connects}
+
+    def connections_by_transport(self) -> dict[str, int]:
+        """Open MQTT connections by transport ("tcp", "tls", "websocket")."""
+        counts = dict.fromkeys(TRANSPORTS, 0)
+        for link in self.broker.links if self.broker is not None else ():
+            counts[link.transport_name] = counts.get(link.transport_name, 0) + 1
+        return counts
 
     def open_link(self, transport: Transport, peer: str, transport_name: str) -> MqttLink | None:
         """A link for a connection that arrived elsewhere (MQTT over WebSocket); None if refused."""

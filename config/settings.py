@@ -4,7 +4,8 @@ Precedence, lowest first: the defaults below, the YAML file (`--config FILE` or
 ENDPOINT_BROKER_CONFIG), the environment (ENDPOINT_BROKER_<FIELD NAME>), then
 command-line flags. Every field can be set in YAML (by its name) and in the
 environment; the flags are --host, --mqtt-port, --http-port, --mqtts-port,
---tls-cert, --tls-key, --tls-client-ca, --config and --log-level.
+--tls-cert, --tls-key, --tls-client-ca, --config, --log-level, --log-format
+and --metrics-port.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ class Settings:
     http_port: int = 8080
     mqtts_port: int = 8883
     log_level: str = "INFO"
+    log_format: str = "text"  # or "json": one object per line
+    # 0: GET /metrics on http_port. Else only on a listener of its own, on `host`, at this port.
+    metrics_port: int = 0
 
     # Token verification. With neither a secret nor a public key, dev mode.
     jwt_secret: str | None = None
@@ -130,6 +134,12 @@ class Settings:
             port = getattr(self, name)
             if not 0 <= port <= 65535:
                 raise ConfigError(f"{name} must be a port number, got {port}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port must be a port number, or 0 for the HTTP port, got {self.metrics_port}")
+        if self.metrics_port and self.metrics_port in (self.mqtt_port, self.http_port):
+            raise ConfigError(f"metrics_port {self.metrics_port} is already mqtt_port or http_port: give it its own")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format must be text or json, got {self.log_format!r}")
         if not 1 <= self.mqtts_port <= 65535:
             raise ConfigError(f"mqtts_port must be a port number from 1, got {self.mqtts_port}")
         if bool(self.tls_cert) != bool(self.tls_key):

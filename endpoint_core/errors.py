@@ -29,6 +29,12 @@ class NotAuthenticated(DomainError):
 
     title = "Not authenticated"
 
+    # Why, from a closed set (metrics label it with this): missing, malformed, algorithm,
+    # bad_signature, expired, not_yet_valid, missing_claim, invalid_claim.
+    def __init__(self, detail: str, field: str | None = None, reason: str = "invalid_claim") -> None:
+        super().__init__(detail, field)
+        self.reason = reason
+
 
 class Forbidden(DomainError):
     """The caller is known but may not do this (HTTP 403)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 
 from endpoint_core.clock import Clock, monotonic
 from endpoint_core.table import EndpointTable
@@ -51,8 +52,10 @@ class ExpiryDriver:
     def _fire(self) -> None:
         self._handle = None
         self._armed_for = math.inf
+        started = time.perf_counter()
         try:
             self._table.advance()
+            self._table.stats.timer_batch_seconds.observe(time.perf_counter() - started)
         except Exception:
             log.exception("expiry pass failed; retrying in a second")
             self._arm(self._clock() + 1.0)

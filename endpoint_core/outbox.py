@@ -44,6 +44,15 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._pending)
 
+    @property
+    def queued_bytes(self) -> int:
+        return self._bytes
+
+    @property
+    def in_flight(self) -> int:
+        """Events sent on the current link and awaiting their PUBACKs."""
+        return len(self._pending) - len(self._unsent)
+
     def offer(self, payload: bytes, seq: int = 0, sends: int = 0) -> PendingEvent | None:
         """Queue an event, or return None when the queue is full.
 

@@ -27,11 +27,13 @@ EC_ALGORITHMS = frozenset({"ES256", "ES384", "ES512"})
 MIN_HMAC_SECRET_BYTES = 32
 
 # Why a token was refused, by PyJWT's exception, in words for the problem body.
-_FAILURES: tuple[tuple[type[jwt.InvalidTokenError], str], ...] = (
-    (jwt.ExpiredSignatureError, "token has expired"),
-    (jwt.InvalidSignatureError, "token signature is invalid"),
-    (jwt.InvalidIssuerError, "token issuer is not accepted"),
-    (jwt.InvalidAudienceError, "token audience is not accepted"),
+# And the reason, from NotAuthenticated's closed set.
+_FAILURES: tuple[tuple[type[jwt.InvalidTokenError], str, str], ...] = (
+    (jwt.ExpiredSignatureError, "token has expired", "expired"),
+    (jwt.InvalidSignatureError, "token signature is invalid", "bad_signature"),
+    (jwt.InvalidIssuerError, "token issuer is not accepted", "invalid_claim"),
+    (jwt.InvalidAudienceError, "token audience is not accepted", "invalid_claim"),
+    (jwt.DecodeError, "", "malformed"),
 )
 
 # Verified tokens are remembered for at most this long (and never past `exp`),
@@ -145,11 +147,11 @@ class JwtVerifier:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError as exc:
-            raise NotAuthenticated(f"malformed token: {exc}", "Authorization") from None
+            raise NotAuthenticated(f"malformed token: {exc}", "Authorization", "malformed") from None
         algorithm = header.get("alg")
         key = self._keys.get(algorithm) if isinstance(algorithm, str) else None
         if key is None:
-            raise NotAuthenticated(f"token algorithm {algorithm!r} is not accepted", "Authorization")
+            raise NotAuthenticated(f"token algorithm {algorithm!r} is not accepted", "Authorization", "algorithm")
         assert isinstance(algorithm, str)
         try:
             claims = jwt.decode(
@@ -162,14 +164,16 @@ class JwtVerifier:
                 options={"require": ["exp"], "verify_aud": self._audience is not None},
             )
         except jwt.MissingRequiredClaimError as exc:
-            raise NotAuthenticated(f"token lacks the {exc.claim!r} claim", "Authorization") from None
+            raise NotAuthenticated(f"token lacks the {exc.claim!r} claim", "Authorization", "missing_claim") from None
         except jwt.ImmatureSignatureError as exc:
             # PyJWT raises this for a future `nbf` and for a future `iat`; say which.
             claim = "iat" if "(iat)" in str(exc) else "nbf"
-            raise NotAuthenticated(f"token is not valid yet ({claim} is in the future)", "Authorization") from None
+            raise NotAuthenticated(f"token is not valid yet ({claim} is in the future)", "Authorization",
+                                   "not_yet_valid") from None
         except jwt.InvalidTokenError as exc:
-            reason = next((text for kind, text in _FAILURES if isinstance(exc, kind)), f"invalid token: {exc}")
-            raise NotAuthenticated(reason, "Authorization") from None
+            text, reason = next(((text, reason) for kind, text, reason in _FAILURES if isinstance(exc, kind)),
+                                ("", "invalid_claim"))
+            raise NotAuthenticated(text or f"invalid token: {exc}", "Authorization", reason) from None
         return self._principal_from(claims)
 
     def _principal_from(self, claims: Mapping[str, Any]) -> Principal:
@@ -180,7 +184,7 @@ class JwtVerifier:
         user_claim = names.user if names.user in claims else names.user_fallback
         if user_claim not in claims:
             raise NotAuthenticated(
-                f"token has no {names.user!r} or {names.user_fallback!r} claim", "Authorization"
+                f"token has no {names.user!r} or {names.user_fallback!r} claim", "Authorization", "missing_claim"
             )
         user = claims[user_claim]
         problem = identity_problem(user)
@@ -196,7 +200,7 @@ class JwtVerifier:
         if organization is None and not is_service:
             # Organisation scoping is the isolation boundary; a user without one
             # would land in a shared "no organisation" scope, so refuse it.
-            raise NotAuthenticated(f"token has no {names.organization!r} claim", "Authorization")
+            raise NotAuthenticated(f"token has no {names.organization!r} claim", "Authorization", "missing_claim")
         expires_at = claims["exp"]
         if not isinstance(expires_at, int | float):
             raise NotAuthenticated("token claim 'exp' must be a number", "Authorization")

@@ -23,7 +23,7 @@ import orjson
 from endpoint_core.clock import Clock, monotonic
 from endpoint_core.endpoint import EndpointLink, RemovalReason, UserEndpoint, endpoint_id_of_topic
 from endpoint_core.errors import DomainError, Forbidden, InvalidInput, NotAuthenticated, NotFound, Unavailable
-from endpoint_core.events import masked, parse_send_event
+from endpoint_core.events import SendEventCommand, masked, parse_send_event
 from endpoint_core.idempotency import IdempotencyKeys, KeyState, body_digest
 from endpoint_core.ids import require_endpoint_id
 from endpoint_core.journal import PutIdempotency, Store, StoreUnavailable
@@ -33,6 +33,27 @@ from endpoint_core.ratelimit import RateLimitPolicy, TokenBuckets
 from endpoint_core.table import EndpointTable
 
 log = logging.getLogger("endpoint_broker.service")
+
+# sendEvent outcomes: some endpoint took the event, none did (none targeted, none
+# connected, or QoS 0 with no subscription), or it was refused with an error.
+SEND_OUTCOMES = ("delivered", "not_delivered", "refused")
+
+
+class ServiceStats:
+    """Plain counters, read at scrape time by the metrics collector."""
+
+    __slots__ = ("auth_failures", "send_events")
+
+    def __init__(self) -> None:
+        # [qos][outcome index]; qos 2 stands for "unknown": refused before the QoS was read.
+        self.send_events = [[0] * len(SEND_OUTCOMES) for _ in range(3)]
+        # (reason from NotAuthenticated, protocol "http" or "mqtt") -> failures.
+        self.auth_failures: dict[tuple[str, str], int] = {}
+
+    def auth_failed(self, reason: str, protocol: str) -> None:
+        key = (reason, protocol)
+        self.auth_failures[key] = self.auth_failures.get(key, 0) + 1
+
 event_log = logging.getLogger("endpoint_broker.events")
 
 
@@ -55,6 +76,7 @@ class EndpointService:
         self._register_limit = TokenBuckets(limits.register_rate_per_second, limits.register_burst, clock)
         self._send_event_limit = TokenBuckets(limits.send_event_rate_per_second, limits.send_event_burst, clock)
         self._connect_limit = TokenBuckets(limits.connect_rate_per_second, limits.connect_burst, clock)
+        self.stats = ServiceStats()
 
     # ---------------------------------------------------------- durability
 
@@ -72,12 +94,17 @@ class EndpointService:
 
     def authenticate_bearer(self, authorization: str | None) -> Principal:
         """The principal of an `Authorization: Bearer <jwt>` header."""
-        if not authorization:
-            raise NotAuthenticated("the Authorization header is missing", "Authorization")
-        scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise NotAuthenticated("the Authorization header must be 'Bearer <token>'", "Authorization")
-        return self.verifier.verify(token.strip())
+        try:
+            if not authorization:
+                raise NotAuthenticated("the Authorization header is missing", "Authorization", "missing")
+            scheme, _, token = authorization.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise NotAuthenticated("the Authorization header must be 'Bearer <token>'", "Authorization",
+                                       "malformed")
+            return self.verifier.verify(token.strip())
+        except NotAuthenticated as failure:
+            self.stats.auth_failed(failure.reason, "http")
+            raise
 
     # ------------------------------------------------------------ REST
 
@@ -182,8 +209,19 @@ class EndpointService:
 
     def _send_event(self, principal: Principal, body: object) -> tuple[int, bool]:
         """(endpoints that took the event, whether any of them journalled it)."""
-        self._send_event_limit.take(_caller(principal), "events")
-        command = parse_send_event(_object(body))
+        qos = 2  # unknown until the body is read
+        try:
+            self._send_event_limit.take(_caller(principal), "events")
+            command = parse_send_event(_object(body))
+            qos = command.qos
+            delivered, journalled = self._deliver_event(principal, command)
+        except DomainError:
+            self.stats.send_events[qos][2] += 1
+            raise
+        self.stats.send_events[qos][0 if delivered else 1] += 1
+        return delivered, journalled
+
+    def _deliver_event(self, principal: Principal, command: SendEventCommand) -> tuple[int, bool]:
         organization_id = self._target_organization(principal, command.organization_id)
         if command.endpoint_id is not None:
             endpoint = self.table.get(command.endpoint_id)
@@ -239,7 +277,7 @@ class EndpointService:
         """Attach an MQTT connection. It lives only until the token's `exp`, so a token
         already past it (accepted by the verifier's clock-skew leeway) is refused."""
         if principal.expires_at <= time.time():
-            raise NotAuthenticated("token has expired", "Authorization")
+            raise NotAuthenticated("token has expired", "Authorization", "expired")
         self._connect_limit.take(endpoint_id, "CONNECTs for this client id")
         return self.table.connect(
             principal.user_id, principal.organization_id, endpoint_id, mqtt_keep_alive, link,

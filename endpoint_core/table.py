@@ -50,6 +50,7 @@ from typing import Protocol
 from cachetools import TTLCache
 
 from endpoint_core.clock import Clock, monotonic, wall_time_of
+from endpoint_core.counting import ACK_BUCKETS, SECONDS_BUCKETS, BucketCounts
 from endpoint_core.endpoint import (
     DisconnectReason,
     EndpointLink,
@@ -107,6 +108,17 @@ class TableStats:
 
     keepalives_rest: int = 0
     keepalives_mqtt: int = 0
+    # Event copies (one PUBLISH per subscribed topic form), first sends and DUP resends.
+    copies_sent: int = 0
+    copies_sent_dup: int = 0
+    events_acknowledged: int = 0  # QoS 1 events every PUBLISH of which was acknowledged
+    events_redelivered: int = 0  # QoS 1 events sent again after the ack timeout
+    dropped_queue_full: int = 0
+    dropped_endpoint_removed: int = 0
+    # From an event's last send to its last PUBACK.
+    ack_seconds: BucketCounts = field(default_factory=lambda: BucketCounts(ACK_BUCKETS))
+    # One pass over the due timers (endpoint_core.expiry), in seconds of wall time.
+    timer_batch_seconds: BucketCounts = field(default_factory=lambda: BucketCounts(SECONDS_BUCKETS))
 
 
 @dataclass(slots=True)
@@ -240,6 +252,7 @@ class EndpointTable:
         if not siblings:
             del self._by_owner[owner]
         if endpoint.outbox is not None and len(endpoint.outbox):
+            self.stats.dropped_endpoint_removed += len(endpoint.outbox)
             log.warning(
                 "endpoint %s removed (%s) with %d undelivered QoS 1 event(s); they are dropped with it",
                 endpoint.id, reason, len(endpoint.outbox),
@@ -361,6 +374,9 @@ class EndpointTable:
         if endpoint.link is link and endpoint.outbox is not None:
             done = endpoint.outbox.acknowledge(packet_id)
             if done is not None:
+                self.stats.events_acknowledged += 1
+                if done.sent_at is not None:
+                    self.stats.ack_seconds.observe(self._clock() - done.sent_at)
                 self.record((DeleteEvent(endpoint.id, done.seq),))
 
     # -------------------------------------------------------------- delivery
@@ -383,6 +399,7 @@ class EndpointTable:
                     endpoint.outbox = Outbox(self.policy.queue_max_events, self.policy.queue_max_bytes)
                 seq = next(self._event_seq)
                 if endpoint.outbox.offer(payload, seq) is None:
+                    self.stats.dropped_queue_full += 1
                     report.full.append(endpoint.id)
                     continue
                 self.record((PutEvent(StoredEvent(endpoint.id, seq, payload)),))
@@ -402,7 +419,9 @@ class EndpointTable:
             return False
         written = False
         for topic in endpoint.subscriptions:
-            written = link.publish(topic, payload, 0, None, False) or written
+            if link.publish(topic, payload, 0, None, False):
+                self.stats.copies_sent += 1
+                written = True
         return written
 
     def _flush(self, endpoint: UserEndpoint, now: float) -> None:
@@ -411,7 +430,7 @@ class EndpointTable:
             return
         sent_any = False
         while (event := outbox.next_unsent()) is not None:
-            if not self._send(link, outbox, event, endpoint.subscriptions):
+            if not self._send(link, outbox, event, endpoint.subscriptions, self.stats):
                 break
             if outbox.mark_sent(event, now):  # done at once if no subscription awaits a PUBACK
                 self.record((DeleteEvent(endpoint.id, event.seq),))
@@ -420,7 +439,8 @@ class EndpointTable:
             self._arm_at(endpoint, now + self.policy.ack_timeout_seconds)
 
     @staticmethod
-    def _send(link: EndpointLink, outbox: Outbox, event: PendingEvent, subscriptions: dict[str, int]) -> bool:
+    def _send(link: EndpointLink, outbox: Outbox, event: PendingEvent, subscriptions: dict[str, int],
+              stats: TableStats) -> bool:
         """PUBLISH `event` on each subscribed topic form (DUP if it was sent before).
 
         MQTT delivers at the lower of the event's QoS and the subscription's: a topic
@@ -429,17 +449,25 @@ class EndpointTable:
         if event.unacked:
             # Sent before and not all acknowledged (a timeout, or a resumed persistent
             # session): the same PUBLISHes again, under their original packet ids.
-            return all(link.publish(topic, event.payload, 1, packet_id, True)
-                       for packet_id, topic in event.unacked.items())
+            for packet_id, topic in event.unacked.items():
+                if not link.publish(topic, event.payload, 1, packet_id, True):
+                    return False
+                stats.copies_sent_dup += 1
+            return True
         dup = event.sends > 0
         for topic, granted in subscriptions.items():
             if granted == 0:
                 if not link.publish(topic, event.payload, 0, None, False):
                     return False
+                stats.copies_sent += 1
                 continue
             packet_id = outbox.allocate_packet_id()
             if not link.publish(topic, event.payload, 1, packet_id, dup):
                 return False
+            if dup:
+                stats.copies_sent_dup += 1
+            else:
+                stats.copies_sent += 1
             outbox.record_send(event, packet_id, topic)
         return True
 
@@ -449,8 +477,9 @@ class EndpointTable:
             return
         for event in outbox.overdue(now, self.policy.ack_timeout_seconds):
             # Same packet ids, DUP set: the client may have missed them or their PUBACKs.
-            if not self._send(link, outbox, event, endpoint.subscriptions):
+            if not self._send(link, outbox, event, endpoint.subscriptions, self.stats):
                 return
+            self.stats.events_redelivered += 1
             outbox.mark_resent(event, now)
 
     # ---------------------------------------------------------------- expiry

@@ -11,6 +11,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import Route
 
 from endpoint_core.errors import DomainError
 from endpoint_core.expiry import ExpiryDriver
@@ -19,6 +20,8 @@ from endpoint_core.service import EndpointService
 from http_bridge.commands import CommandRoutes
 from http_bridge.problems import domain_error, http_error, unexpected_error
 from http_bridge.routes import routes
+from observability.requests import RequestObserver
+from observability.wiring import Observability
 
 
 class MqttHost(Protocol):
@@ -37,6 +40,10 @@ class MqttHost(Protocol):
 
     def stats(self) -> dict[str, int]: ...
 
+    counters: Any  # broker_plugin.connection.MqttCounters, for metrics
+
+    def connections_by_transport(self) -> dict[str, int]: ...
+
 
 def create_app(
     service: EndpointService,
@@ -47,7 +54,17 @@ def create_app(
     cors_allow_origins: Sequence[str] = (),
     on_starting: Callable[[], None] | None = None,
     on_started: Callable[[], None] | None = None,
+    metrics_port: int = 0,
+    metrics_host: str = "127.0.0.1",
 ) -> Starlette:
+    # Route templates are the closed set of the HTTP metrics' `route` label.
+    paths = [route.path for route in routes if isinstance(route, Route)]
+    observability = Observability(
+        service, mqtt, store, host=metrics_host, metrics_port=metrics_port,
+        http_routes=[path for path in paths if "{" not in path],
+        http_prefix_routes=[(path.split("{", 1)[0], path) for path in paths if "{" in path],
+    )
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # The broker and the store live inside the lifespan, so that uvicorn's SIGTERM/SIGINT
@@ -60,16 +77,19 @@ def create_app(
         await mqtt.start()
         expiry = ExpiryDriver(service.table)
         expiry.start()
+        await observability.start()
         if on_started is not None:
             on_started()
         try:
             yield
         finally:
+            await observability.stop()
             expiry.stop()
             await mqtt.stop()
             await store.close()
 
-    middleware: list[Middleware] = []
+    # Outermost: every request gets its id and is counted, whatever answers it.
+    middleware: list[Middleware] = [Middleware(RequestObserver, stats=observability.http)]
     if cors_allow_origins:
         # Tokens travel in the Authorization header, never in cookies, so no credentials mode.
         middleware.append(Middleware(
@@ -82,7 +102,7 @@ def create_app(
     # Innermost, so that CORS and the 500 handler wrap the command routes too.
     middleware.append(Middleware(CommandRoutes))
     app = Starlette(
-        routes=routes,
+        routes=[*routes, *observability.routes()],
         middleware=middleware,
         lifespan=lifespan,
         exception_handlers={
@@ -94,5 +114,6 @@ def create_app(
     app.state.service = service
     app.state.mqtt = mqtt
     app.state.store = store
+    app.state.observability = observability
     app.state.max_body_bytes = max_body_bytes
     return app

@@ -23,7 +23,9 @@ from http_bridge.commands import PREFIX
 from http_bridge.problems import PROBLEM_JSON
 
 OPENAPI_PATH = "/rtc-api/openapi.json"
+DOCS_PATH = "/rtc-api/docs"
 HEALTH_PATH = "/healthz"
+METRICS_PATH = "/metrics"
 
 # Why each error status happens, for the response descriptions.
 _ERRORS = {
@@ -249,7 +251,38 @@ def _paths() -> dict[str, Any]:
                               **_errors()},
             },
         },
+        DOCS_PATH: {
+            "get": {
+                "summary": "This document, rendered by Swagger UI (served by the service, no CDN).",
+                "security": [],
+                "responses": {"200": {"description": "The page.", "content": _text("text/html")}, **_errors()},
+            },
+        },
+        DOCS_PATH + "/{asset}": {
+            "get": {
+                "summary": "The docs page's script and style sheet.",
+                "security": [],
+                "parameters": [{"name": "asset", "in": "path", "required": True,
+                                "schema": {"type": "string", "enum": ["swagger-ui.css", "swagger-ui-bundle.js"]}}],
+                "responses": {"200": {"description": "The file.", "content": {**_text("text/css"),
+                                                                               **_text("text/javascript")}},
+                              **_errors(404)},
+            },
+        },
+        METRICS_PATH: {
+            "get": {
+                "summary": "Metrics in the Prometheus text format. Here unless metrics_port is set: then they "
+                           "are served only on that port, and this answers 404.",
+                "security": [],
+                "responses": {"200": {"description": "The metrics.", "content": _text("text/plain")},
+                              **_errors(404)},
+            },
+        },
     }
+
+
+def _text(media_type: str) -> dict[str, Any]:
+    return {media_type: {"schema": {"type": "string"}}}
 
 
 @cache

@@ -11,7 +11,8 @@ from starlette.routing import Route, request_response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from http_bridge.commands import ENDPOINTS, PREFIX
-from http_bridge.openapi import HEALTH_PATH, OPENAPI_PATH, openapi_json
+from http_bridge.docs_page import docs_asset, docs_page
+from http_bridge.openapi import DOCS_PATH, HEALTH_PATH, OPENAPI_PATH, openapi_json
 from http_bridge.problems import problem
 from http_bridge.requests import principal_of, service_of
 from http_bridge.responses import json_response
@@ -67,4 +68,6 @@ routes = [
     Route(PREFIX + "/{endpoint_id}", get_endpoint, methods=["GET"]),
     Route(HEALTH_PATH, healthz, methods=["GET"]),
     Route(OPENAPI_PATH, openapi_json, methods=["GET"]),  # no token: the contract is public
+    Route(DOCS_PATH, docs_page, methods=["GET"]),
+    Route(DOCS_PATH + "/{asset}", docs_asset, methods=["GET"]),
 ]

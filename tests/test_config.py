@@ -38,6 +38,9 @@ def test_precedence_file_then_environment_then_flags(tmp_path: Path) -> None:
     ({"ENDPOINT_BROKER_ACK_TIMEOUT_SECONDS": "0"}, "ack_timeout_seconds"),
     ({"ENDPOINT_BROKER_QUEUE_MAX_EVENTS": "40000"}, "queue_max_events"),
     ({"ENDPOINT_BROKER_LOG_LEVEL": "verbose"}, "log_level"),
+    ({"ENDPOINT_BROKER_LOG_FORMAT": "xml"}, "log_format"),
+    ({"ENDPOINT_BROKER_METRICS_PORT": "70000"}, "metrics_port"),
+    ({"ENDPOINT_BROKER_METRICS_PORT": "8080"}, "metrics_port"),  # the HTTP port's
     ({"ENDPOINT_BROKER_MAX_ENDPOINTS_PER_USER": "0"}, "max_endpoints_per_user"),
     ({"ENDPOINT_BROKER_DEFAULT_MQTT_KEEP_ALIVE_SECONDS": "0"}, "default_mqtt_keep_alive_seconds"),
     ({"ENDPOINT_BROKER_ENDPOINT_ID_PATTERN": "[a-"}, "endpoint_id_pattern"),

@@ -7,7 +7,7 @@ from typing import Any
 import httpx
 from starlette.routing import Route
 
-from http_bridge.openapi import OPENAPI_PATH, openapi_document
+from http_bridge.openapi import DOCS_PATH, METRICS_PATH, OPENAPI_PATH, openapi_document
 from http_bridge.routes import routes
 from tests.support import ServiceProcess
 
@@ -23,7 +23,8 @@ def test_every_route_is_documented_and_nothing_else() -> None:
         for route in routes if isinstance(route, Route)
         for method in route.methods or () if method != "HEAD"  # Starlette adds HEAD to every GET
     }
-    assert served == OPERATIONS
+    # create_app adds GET /metrics unless metrics_port moves it to a listener of its own.
+    assert served | {("GET", METRICS_PATH)} == OPERATIONS
     assert all(isinstance(route, Route) for route in routes)  # nothing the document could miss
     # /ws is plain ASGI ahead of the router (http_bridge.websocket), not an HTTP operation: the document says so.
     assert "/ws" in DOCUMENT["info"]["description"]
@@ -47,7 +48,8 @@ def test_every_error_is_a_problem_and_every_protected_route_documents_401() -> N
             if int(status) >= 400:
                 assert set(response["content"]) == {"application/problem+json"}, (method, path, status)
         public = operation.get("security") == []
-        assert public == (path in ("/healthz", OPENAPI_PATH)), (method, path)
+        assert public == (path in ("/healthz", OPENAPI_PATH, DOCS_PATH, DOCS_PATH + "/{asset}", METRICS_PATH)), \
+            (method, path)
         if not public:
             assert {"400", "401"} <= set(operation["responses"]), (method, path)
 

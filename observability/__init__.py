@@ -1,0 +1,1 @@
+"""Metrics, request ids and structured logs: what an operator watches. See README "Observability"."""

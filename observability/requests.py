@@ -1,0 +1,106 @@
+"""Every HTTP request: a request id for its log lines, and its count and duration for metrics.
+
+The outermost ASGI middleware. The request id is the client's X-Request-Id when it is a
+short token of safe characters, else a new one; it is echoed in the response and kept in a
+context variable, so every log line the request causes carries it (observability.logs).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import secrets
+import time
+from collections.abc import Iterable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from endpoint_core.counting import SECONDS_BUCKETS, BucketCounts
+from observability.context import request_id
+
+REQUEST_ID_HEADER = b"x-request-id"
+MAX_REQUEST_ID_LENGTH = 128
+_SAFE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:/+=@-]{1,%d}" % MAX_REQUEST_ID_LENGTH)
+
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+OTHER_ROUTE = "other"
+
+
+# New ids: a random per-process prefix and a counter, unique across restarts and cheaper than a
+# uuid4 per request (sendEvent is a hot path).
+_ID_PREFIX = secrets.token_hex(8)
+_id_counter = itertools.count(1)
+
+
+def request_id_of(headers: Iterable[tuple[bytes, bytes]]) -> str:
+    """The client's X-Request-Id if it is safe to log and echo, else a new one."""
+    for name, value in headers:
+        if name == REQUEST_ID_HEADER:
+            if _SAFE_REQUEST_ID.fullmatch(value):
+                return value.decode("ascii")
+            break
+    return f"{_ID_PREFIX}-{next(_id_counter):x}"
+
+
+class RouteStats:
+    """One route's requests by status class, and their durations: plain numbers."""
+
+    __slots__ = ("by_status", "seconds")
+
+    def __init__(self) -> None:
+        self.by_status = [0] * len(STATUS_CLASSES)
+        self.seconds = BucketCounts(SECONDS_BUCKETS)
+
+
+class HttpStats:
+    """Requests by route template (a closed set: the app's routes, and "other")."""
+
+    def __init__(self, exact_routes: Iterable[str], prefix_routes: Iterable[tuple[str, str]] = ()) -> None:
+        self.routes = {route: RouteStats() for route in (*exact_routes, *(t for _, t in prefix_routes),
+                                                            OTHER_ROUTE)}
+        self._exact = {route: self.routes[route] for route in exact_routes}
+        # (path prefix, template): a path under the prefix with one more segment, e.g. /endpoints/{id}.
+        self._prefixed = [(prefix, self.routes[template]) for prefix, template in prefix_routes]
+        self._other = self.routes[OTHER_ROUTE]
+
+    def route_of(self, path: str) -> RouteStats:
+        found = self._exact.get(path)
+        if found is not None:
+            return found
+        for prefix, stats in self._prefixed:
+            if path.startswith(prefix) and "/" not in path[len(prefix):]:
+                return stats
+        return self._other
+
+
+class RequestObserver:
+    """Middleware: request id in, request id out, and the request counted and timed."""
+
+    def __init__(self, app: ASGIApp, stats: HttpStats) -> None:
+        self.app = app
+        self.stats = stats
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = request_id_of(scope["headers"])
+        token = request_id.set(rid)
+        header = (REQUEST_ID_HEADER, rid.encode("ascii"))
+        status = 500  # if the app fails before it answers
+        started = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), header]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            route = self.stats.route_of(scope["path"])
+            route.seconds.observe(time.perf_counter() - started)
+            route.by_status[min(max(status // 100, 1), 5) - 1] += 1
+            request_id.reset(token)

@@ -1,0 +1,276 @@
+"""GET /metrics: every family, exact deltas from real traffic, the separate listener, and the README table."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable
+
+import httpx
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from broker_plugin.connection import MqttCounters
+from endpoint_core.counting import BucketCounts
+from endpoint_core.principals import JwtVerifier
+from endpoint_core.service import EndpointService
+from endpoint_core.table import EndpointTable
+from observability.lifecycle_counts import LifecycleCounts
+from observability.loop import LoopLagSampler
+from observability.metrics import BrokerCollector, Sources, registry_for
+from observability.requests import HttpStats
+from store import MemoryStore
+from tests.support import ROOT, SECRET, RawMqtt, ServiceProcess, event, listening_ports, token, wait_until
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse(text: str) -> Samples:
+    """Every sample by name and labels; parsing is itself the check that the text is valid."""
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def scrape(service: ServiceProcess) -> Samples:
+    response = httpx.get(service.base_url + "/metrics", timeout=10)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    return parse(response.text)
+
+
+def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    key = (name, frozenset(labels.items()))
+    assert key in after, f"no sample {name}{labels}"
+    return after[key] - before.get(key, 0.0)
+
+
+# ------------------------------------------------------------------ the collector, in process
+
+
+class FakeMqtt:
+    def __init__(self) -> None:
+        self.counters = MqttCounters()
+
+    def connections_by_transport(self) -> dict[str, int]:
+        return {"tcp": 2, "tls": 0, "websocket": 1}
+
+
+def collector_sources() -> Sources:
+    table = EndpointTable()
+    service = EndpointService(table, JwtVerifier(secret=SECRET))
+    lifecycle = LifecycleCounts()
+    table.observers.append(lifecycle)
+    return Sources(service, FakeMqtt(), MemoryStore(), HttpStats(["/healthz"]), lifecycle, LoopLagSampler())
+
+
+def our_families(sources: Sources) -> dict[str, tuple[str, str]]:
+    """Family name as exposed (counters with _total) -> (type, its labels as the README writes them)."""
+    names = {}
+    for family in BrokerCollector(sources).collect():
+        name = family.name + "_total" if family.type == "counter" else family.name
+        labels = sorted({k for sample in family.samples for k in sample.labels if k not in ("le", "quantile")})
+        names[name] = (family.type, ", ".join(f"`{label}`" for label in labels))
+    return names
+
+
+def test_every_family_is_prefixed_and_labels_hold_no_ids() -> None:
+    sources = collector_sources()
+    endpoint, _ = sources.service.table.register("user-secret-id", "org-secret-id", "endpoint-secret-id", 60, False)
+    sources.service.table.keepalive(endpoint)
+    text = generate_latest(registry_for(sources, process_metrics=lambda registry: None)).decode()
+    samples = parse(text)
+    assert all(name.startswith("endpoint_broker_") for name, _ in samples)
+    assert not re.search(r"secret-id", text)
+    assert samples[("endpoint_broker_endpoints", frozenset({("state", "HEALTHY")}))] == 1
+    assert samples[("endpoint_broker_registrations_total", frozenset({("origin", "rest"), ("result", "created")}))] == 1
+    assert samples[("endpoint_broker_keepalives_total", frozenset({("source", "rest")}))] == 1
+    assert samples[("endpoint_broker_mqtt_connections", frozenset({("transport", "tcp")}))] == 2
+
+
+def test_the_default_registry_has_the_process_metrics_too() -> None:
+    text = generate_latest(registry_for(collector_sources())).decode()
+    names = {name for name, _ in parse(text)}
+    assert "process_cpu_seconds_total" in names or "python_info" in names
+    assert "endpoint_broker_build_info" in names
+
+
+def test_bucket_counts_are_cumulative_with_le_inclusive() -> None:
+    counts = BucketCounts((0.1, 1.0))
+    for value in (0.05, 0.1, 0.5, 3.0):
+        counts.observe(value)
+    assert counts.cumulative() == [("0.1", 2), ("1.0", 3), ("+Inf", 4)]
+    assert counts.count == 4
+    assert counts.sum == 3.65
+
+
+def test_http_routes_are_a_closed_set() -> None:
+    stats = HttpStats(["/a"], [("/items/", "/items/{id}")])
+    assert stats.route_of("/a") is stats.routes["/a"]
+    assert stats.route_of("/items/x1") is stats.routes["/items/{id}"]
+    assert stats.route_of("/items/x1/deeper") is stats.routes["other"]
+    assert stats.route_of("/anything-else") is stats.routes["other"]
+
+
+# ------------------------------------------------------------------ README
+
+
+def documented_metrics(readme: str) -> dict[str, tuple[str, str]]:
+    section = readme.split("### Metrics", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| (endpoint_broker_[a-z_]+) \| (counter|gauge|histogram|summary) \| ([^|]*) \|", section,
+                      flags=re.MULTILINE)
+    return {name: (kind, labels.strip()) for name, kind, labels in rows}
+
+
+def test_the_readme_lists_every_metric_with_its_type() -> None:
+    assert documented_metrics((ROOT / "README.md").read_text()) == our_families(collector_sources())
+
+
+# ------------------------------------------------------------------ the real service
+
+
+def counted(samples: Samples, name: str) -> Counter[frozenset[tuple[str, str]]]:
+    return Counter({labels: value for (sample, labels), value in samples.items() if sample == name})
+
+
+def nonzero_deltas(before: Samples, after: Samples, names: Iterable[str]) -> dict[tuple[str, ...], float]:
+    """Every changed sample of the given families, as (name, label=value...) -> delta."""
+    changed = {}
+    for name in names:
+        for labels, value in counted(after, name).items():
+            moved = value - before.get((name, labels), 0.0)
+            if moved:
+                changed[(name, *sorted(f"{k}={v}" for k, v in labels))] = moved
+    return changed
+
+
+def test_real_traffic_moves_every_family_by_exactly_what_it_did(make_service, unique: str) -> None:
+    service = make_service()
+    user, org = f"u-{unique}", f"org-{unique}"
+    bearer = token(user, org)
+    before = scrape(service)
+
+    rest_endpoint = service.register(bearer)  # REST: created
+    with service.http(bearer) as http:
+        assert http.post("/rtc-api/users/endpoints/keepalive", json={"userEndpointId": rest_endpoint}).status_code \
+            == 204
+    mqtt_endpoint = f"m-{unique}"
+    with RawMqtt(service.mqtt_port) as client:
+        assert client.connect(mqtt_endpoint, user, bearer) == (0, False)  # MQTT: created
+        assert client.subscribe(f"users/endpoints/{mqtt_endpoint}") == [1]
+        client.ping()
+        for qos in (0, 1):
+            sent = service.send_event(bearer, {"userId": user, "userEndpointId": mqtt_endpoint, "qos": qos,
+                                               "event": event()})
+            assert sent.json() == 1
+            publish = client.next_publish()
+            if qos == 1:
+                assert publish.packet_id is not None
+                client.puback(publish.packet_id)
+        wait_until(lambda: delta(before, scrape(service), "endpoint_broker_events_acknowledged_total") == 1)
+        client.disconnect()  # clean: the endpoint MQTT made is removed
+    assert service.send_event("not-a-token", {"userId": user, "event": event()}).status_code == 401
+    assert service.send_event(bearer, {"userId": user, "event": event(timestamp="never")}).status_code == 400
+    with RawMqtt(service.mqtt_port) as refused:
+        assert refused.connect(f"x-{unique}", user, token(user, org, ttl=-120))[0] == 4  # expired token
+    service.register(bearer, keep_alive=1)
+
+    def settled() -> Samples | None:
+        samples = scrape(service)
+        expired = delta(before, samples, "endpoint_broker_removals_total", reason="expired") == 1
+        return samples if expired and delta(before, samples, "endpoint_broker_endpoints_connected") == 0 else None
+
+    after = wait_until(settled, timeout=15)
+
+    lifecycle = nonzero_deltas(before, after, [
+        "endpoint_broker_registrations_total", "endpoint_broker_removals_total",
+        "endpoint_broker_state_changes_total", "endpoint_broker_endpoint_connects_total",
+        "endpoint_broker_endpoint_disconnects_total", "endpoint_broker_keepalives_total",
+        "endpoint_broker_endpoints"])
+    assert lifecycle == {
+        ("endpoint_broker_registrations_total", "origin=rest", "result=created"): 2,
+        ("endpoint_broker_registrations_total", "origin=mqtt", "result=created"): 1,
+        ("endpoint_broker_removals_total", "reason=disconnected"): 1,
+        ("endpoint_broker_removals_total", "reason=expired"): 1,
+        ("endpoint_broker_state_changes_total", "previous=HEALTHY", "state=SICK"): 1,
+        ("endpoint_broker_endpoint_connects_total", "transport=tcp"): 1,
+        ("endpoint_broker_endpoint_disconnects_total", "reason=clean"): 1,
+        ("endpoint_broker_keepalives_total", "source=rest"): 1,
+        # SUBSCRIBE, PINGREQ, PUBACK and DISCONNECT: every packet after CONNECT is a keepalive.
+        ("endpoint_broker_keepalives_total", "source=mqtt"): 4,
+        ("endpoint_broker_endpoints", "state=HEALTHY"): 1,  # the REST endpoint is still there
+    }
+    events = nonzero_deltas(before, after, [
+        "endpoint_broker_send_events_total", "endpoint_broker_event_copies_sent_total",
+        "endpoint_broker_events_acknowledged_total", "endpoint_broker_events_redelivered_total",
+        "endpoint_broker_events_dropped_total", "endpoint_broker_events_queued",
+        "endpoint_broker_events_queued_bytes", "endpoint_broker_events_in_flight",
+        "endpoint_broker_event_ack_seconds_count"])
+    assert events == {
+        ("endpoint_broker_send_events_total", "outcome=delivered", "qos=0"): 1,
+        ("endpoint_broker_send_events_total", "outcome=delivered", "qos=1"): 1,
+        ("endpoint_broker_send_events_total", "outcome=refused", "qos=unknown"): 1,  # the 400 (the 401 is no sendEvent)
+        ("endpoint_broker_event_copies_sent_total", "dup=false"): 2,
+        ("endpoint_broker_events_acknowledged_total",): 1,
+        ("endpoint_broker_event_ack_seconds_count",): 1,
+    }
+    mqtt = nonzero_deltas(before, after, [
+        "endpoint_broker_mqtt_connects_total", "endpoint_broker_mqtt_disconnects_total",
+        "endpoint_broker_mqtt_packets_received_total", "endpoint_broker_mqtt_packets_sent_total",
+        "endpoint_broker_mqtt_connections"])
+    assert mqtt == {
+        ("endpoint_broker_mqtt_connects_total", "code=0"): 1,
+        ("endpoint_broker_mqtt_connects_total", "code=4"): 1,
+        ("endpoint_broker_mqtt_disconnects_total", "reason=clean"): 1,
+        ("endpoint_broker_mqtt_disconnects_total", "reason=connect_refused"): 1,
+        ("endpoint_broker_mqtt_packets_received_total", "type=connect"): 2,
+        ("endpoint_broker_mqtt_packets_received_total", "type=subscribe"): 1,
+        ("endpoint_broker_mqtt_packets_received_total", "type=pingreq"): 1,
+        ("endpoint_broker_mqtt_packets_received_total", "type=puback"): 1,
+        ("endpoint_broker_mqtt_packets_received_total", "type=disconnect"): 1,
+        ("endpoint_broker_mqtt_packets_sent_total", "type=connack"): 2,
+        ("endpoint_broker_mqtt_packets_sent_total", "type=suback"): 1,
+        ("endpoint_broker_mqtt_packets_sent_total", "type=pingresp"): 1,
+        ("endpoint_broker_mqtt_packets_sent_total", "type=publish"): 2,
+    }
+    assert delta(before, after, "endpoint_broker_mqtt_received_bytes_total") > 0
+    assert delta(before, after, "endpoint_broker_mqtt_sent_bytes_total") > 0
+    assert nonzero_deltas(before, after, ["endpoint_broker_auth_failures_total"]) == {
+        ("endpoint_broker_auth_failures_total", "protocol=http", "reason=malformed"): 1,
+        ("endpoint_broker_auth_failures_total", "protocol=mqtt", "reason=expired"): 1,
+    }
+    http = nonzero_deltas(before, after, ["endpoint_broker_http_requests_total"])
+    scrapes = http.pop(("endpoint_broker_http_requests_total", "route=/metrics", "status=2xx"))
+    assert scrapes >= 2  # the first one, and the polls
+    assert http == {
+        ("endpoint_broker_http_requests_total", "route=/rtc-api/users/endpoints", "status=2xx"): 2,
+        ("endpoint_broker_http_requests_total", "route=/rtc-api/users/endpoints/keepalive", "status=2xx"): 1,
+        ("endpoint_broker_http_requests_total", "route=/rtc-api/users/endpoints/sendEvent", "status=2xx"): 2,
+        ("endpoint_broker_http_requests_total", "route=/rtc-api/users/endpoints/sendEvent", "status=4xx"): 2,
+    }
+    assert delta(before, after, "endpoint_broker_http_request_duration_seconds_count",
+                 route="/rtc-api/users/endpoints/sendEvent") == 4
+    # The store committed the registrations and the QoS 1 event; batching decides how many commits.
+    assert delta(before, after, "endpoint_broker_store_commits_total") >= 1
+    assert delta(before, after, "endpoint_broker_store_committed_rows_total") >= 3
+    assert after[("endpoint_broker_store_pending_rows", frozenset())] == 0
+    assert delta(before, after, "endpoint_broker_timer_batch_seconds_count") >= 1
+    assert after[("endpoint_broker_event_loop_lag_seconds_count", frozenset())] >= 1
+    assert ("endpoint_broker_build_info", frozenset({("version", "0.1.0"), ("python", after_python(after))})) in after
+    assert ("process_cpu_seconds_total", frozenset()) in after
+
+
+def after_python(samples: Samples) -> str:
+    return next(dict(labels)["python"] for name, labels in samples if name == "endpoint_broker_build_info")
+
+
+def test_metrics_port_serves_metrics_alone_and_removes_them_from_the_http_port(make_service) -> None:
+    from tests.support import free_port
+
+    port = free_port()
+    service = make_service(args=["--metrics-port", str(port)])
+    assert port in listening_ports(service.process.pid)
+    response = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+    assert response.status_code == 200
+    assert "endpoint_broker_build_info" in {family.name for family in text_string_to_metric_families(response.text)}
+    assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 404
+    assert httpx.get(service.base_url + "/metrics", timeout=10).status_code == 404
