@@ -36,6 +36,7 @@ from broker_plugin.runtime import MqttRuntime, MqttSettings
 from config import ConfigError, Settings, load_settings
 from config.log_output import configure_logging
 from config.tls import ServerTls, TlsFiles
+from endpoint_core.feeds import LifecycleFeeds
 from endpoint_core.idempotency import IdempotencyKeys
 from endpoint_core.journal import Store
 from endpoint_core.principals import ClaimNames, JwtVerifier, mint_token
@@ -43,6 +44,8 @@ from endpoint_core.service import EndpointService
 from endpoint_core.table import EndpointTable
 from http_bridge.app import create_app
 from http_bridge.connections import fd_reserve, guarded_protocol, max_connections_for
+from http_bridge.dashboard import DashboardPolicy
+from http_bridge.webhook import WebhookSender, webhook_queue
 from store import DATABASE_FILE, MemoryStore, SqliteStore, StoreFileError
 
 log = logging.getLogger("endpoint_broker")
@@ -122,7 +125,12 @@ def build_app(settings: Settings, tls: ServerTls | None = None) -> Starlette:
     table = EndpointTable(settings.table_policy(), journal=store)
     idempotency = IdempotencyKeys(settings.idempotency_window_seconds)
     idempotency.restore(snapshot.idempotency)
-    service = EndpointService(table, verifier, store, idempotency, limits=settings.rate_limit_policy())
+    feeds = LifecycleFeeds(settings.lifecycle_mqtt_queue_max_events, settings.ack_timeout_seconds)
+    service = EndpointService(table, verifier, store, idempotency, limits=settings.rate_limit_policy(), feeds=feeds)
+    webhook = None
+    if settings.lifecycle_webhook_url:
+        webhook = WebhookSender(settings.lifecycle_webhook_url, settings.lifecycle_webhook_secret,
+                                webhook_queue(table, settings.webhook_policy()), settings.webhook_policy())
     mqtt = MqttRuntime(service, MqttSettings(
         host=settings.host,
         port=settings.mqtt_port,
@@ -149,7 +157,8 @@ def build_app(settings: Settings, tls: ServerTls | None = None) -> Starlette:
 
     return create_app(service, mqtt, store, max_body_bytes=settings.max_body_bytes,
                       cors_allow_origins=settings.cors_allow_origins, on_starting=on_starting,
-                      on_started=on_started)
+                      on_started=on_started, webhook=webhook,
+                      dashboard=DashboardPolicy(settings.dashboard_max_streams, settings.dashboard_stream_queue_events))
 
 
 def print_dev_banner(settings: Settings, dev_secret: str) -> None:

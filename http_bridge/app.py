@@ -17,8 +17,10 @@ from endpoint_core.expiry import ExpiryDriver
 from endpoint_core.journal import Store
 from endpoint_core.service import EndpointService
 from http_bridge.commands import CommandRoutes
+from http_bridge.dashboard import DashboardPolicy, DashboardStreams
 from http_bridge.problems import domain_error, http_error, unexpected_error
 from http_bridge.routes import routes
+from http_bridge.webhook import WebhookSender
 
 
 class MqttHost(Protocol):
@@ -47,7 +49,12 @@ def create_app(
     cors_allow_origins: Sequence[str] = (),
     on_starting: Callable[[], None] | None = None,
     on_started: Callable[[], None] | None = None,
+    dashboard: DashboardPolicy | None = None,
+    webhook: WebhookSender | None = None,
 ) -> Starlette:
+    streams = DashboardStreams(dashboard or DashboardPolicy())
+    service.table.observers.append(streams)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # The broker and the store live inside the lifespan, so that uvicorn's SIGTERM/SIGINT
@@ -60,6 +67,8 @@ def create_app(
         await mqtt.start()
         expiry = ExpiryDriver(service.table)
         expiry.start()
+        if webhook is not None:
+            webhook.start()
         if on_started is not None:
             on_started()
         try:
@@ -67,6 +76,8 @@ def create_app(
         finally:
             expiry.stop()
             await mqtt.stop()
+            if webhook is not None:
+                await webhook.stop()
             await store.close()
 
     middleware: list[Middleware] = []
@@ -94,5 +105,6 @@ def create_app(
     app.state.service = service
     app.state.mqtt = mqtt
     app.state.store = store
+    app.state.dashboard = streams
     app.state.max_body_bytes = max_body_bytes
     return app
