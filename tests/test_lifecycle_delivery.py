@@ -17,7 +17,7 @@ import pytest
 
 from tests.support import RawMqtt, ServiceProcess, free_port, service_token, token, wait_until
 
-WEBHOOK_SECRET = "webhook-secret-for-the-test"  # noqa: S105
+WEBHOOK_SECRET = "webhook-secret-for-the-test"
 SUBACK_FAILURE = 0x80
 REGISTERED, STATE_CHANGED, CONNECTED, DISCONNECTED, UNREGISTERED = (
     "UserEndpointRegisteredEvent", "UserEndpointStateChangedEvent", "UserEndpointConnectedEvent",
