@@ -130,7 +130,11 @@ def build_app(settings: Settings, tls: ServerTls | None = None) -> Starlette:
     webhook = None
     if settings.lifecycle_webhook_url:
         webhook = WebhookSender(settings.lifecycle_webhook_url, settings.lifecycle_webhook_secret,
-                                webhook_queue(table, settings.webhook_policy()), settings.webhook_policy())
+                                webhook_queue(table, settings.webhook_policy(), store, snapshot.webhook_events),
+                                settings.webhook_policy())
+    elif snapshot.webhook_events:
+        log.warning("%d lifecycle event(s) stored for the webhook are kept, undelivered: "
+                    "lifecycle_webhook_url is not set", len(snapshot.webhook_events))
     mqtt = MqttRuntime(service, MqttSettings(
         host=settings.host,
         port=settings.mqtt_port,

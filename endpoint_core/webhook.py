@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import orjson
 
+from endpoint_core.journal import DeleteWebhookEvent, PutWebhookEvent
 from endpoint_core.lifecycle import LifecycleEvent
+from endpoint_core.table import Journal
 
 log = logging.getLogger("endpoint_broker.webhook")
 
@@ -50,14 +53,21 @@ def backoff_seconds(failures: int, policy: WebhookPolicy) -> float:
 class QueuedDelivery:
     event_id: str
     body: bytes
+    seq: int = 0  # names it in the journal
 
 
 class WebhookQueue:
-    """Events waiting for the webhook, oldest first, at most `max_events`."""
+    """Events waiting for the webhook, oldest first, at most `max_events`.
 
-    def __init__(self, max_events: int) -> None:
+    With a journal, each queued event is stored (PutWebhookEvent) and removed once
+    delivered or dropped (DeleteWebhookEvent): undelivered events survive a restart.
+    """
+
+    def __init__(self, max_events: int, journal: Journal | None = None) -> None:
         self.max_events = max_events
+        self._journal = journal
         self._items: deque[QueuedDelivery] = deque()
+        self._seq = itertools.count(1)
         self.dropped = 0
         # Called after each offer (the sender wakes up); must not block.
         self.on_offer: Callable[[], None] | None = None
@@ -66,14 +76,25 @@ class WebhookQueue:
         return len(self._items)
 
     def __call__(self, event: LifecycleEvent) -> None:
-        """The table observer: O(1), never blocks."""
-        self.offer(QueuedDelivery(event.id, orjson.dumps(event.to_json())))
+        """The table observer: O(1), never blocks (the journal only queues the change)."""
+        self.offer(QueuedDelivery(event.id, orjson.dumps(event.to_json()), next(self._seq)))
+
+    def restore(self, stored: Sequence[PutWebhookEvent]) -> None:
+        """Load what the store kept, oldest first, before any new event; all of it, even past the bound."""
+        for change in stored:
+            self._items.append(QueuedDelivery(_event_id(change.body), change.body, change.seq))
+        if stored:
+            self._seq = itertools.count(stored[-1].seq + 1)
+            log.info("%d lifecycle event(s) restored for the webhook", len(stored))
 
     def offer(self, delivery: QueuedDelivery) -> QueuedDelivery | None:
-        """Append; returns the delivery dropped to make room, if any."""
+        """Append; returns the (last) delivery dropped to make room, if any."""
+        if self._journal is not None:
+            self._journal.append((PutWebhookEvent(delivery.seq, delivery.body),))
         dropped = None
-        if len(self._items) >= self.max_events:
+        while len(self._items) >= self.max_events:
             dropped = self._items.popleft()
+            self._forget(dropped)
             self.dropped += 1
             if self.dropped % DROP_WARNING_EVERY == 1:
                 log.warning("lifecycle webhook queue full (%d events): oldest event dropped (%d dropped so far)",
@@ -90,3 +111,16 @@ class WebhookQueue:
         """The receiver took `delivery`: it leaves, unless it was dropped meanwhile."""
         if self._items and self._items[0] is delivery:
             self._items.popleft()
+            self._forget(delivery)
+
+    def _forget(self, delivery: QueuedDelivery) -> None:
+        if self._journal is not None:
+            self._journal.append((DeleteWebhookEvent(delivery.seq),))
+
+
+def _event_id(body: bytes) -> str:
+    try:
+        value = orjson.loads(body).get("id")
+    except (orjson.JSONDecodeError, AttributeError):
+        return ""
+    return value if isinstance(value, str) else ""

@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import httpx
 
+from endpoint_core.journal import PutWebhookEvent
 from endpoint_core.logtext import loggable
-from endpoint_core.table import EndpointTable
+from endpoint_core.table import EndpointTable, Journal
 from endpoint_core.webhook import SIGNATURE_HEADER, WebhookPolicy, WebhookQueue, backoff_seconds, signature
 
 log = logging.getLogger("endpoint_broker.webhook")
@@ -24,9 +25,11 @@ log = logging.getLogger("endpoint_broker.webhook")
 Sleep = Callable[[float], Awaitable[None]]
 
 
-def webhook_queue(table: EndpointTable, policy: WebhookPolicy) -> WebhookQueue:
-    """The bounded queue, observing the table's lifecycle events."""
-    queue = WebhookQueue(policy.queue_max_events)
+def webhook_queue(table: EndpointTable, policy: WebhookPolicy, journal: Journal | None = None,
+                  stored: Sequence[PutWebhookEvent] = ()) -> WebhookQueue:
+    """The bounded queue, with what the store kept, observing the table's lifecycle events."""
+    queue = WebhookQueue(policy.queue_max_events, journal)
+    queue.restore(stored)
     table.observers.append(queue)
     return queue
 

@@ -39,7 +39,7 @@ class Receiver:
 
 
 @contextlib.contextmanager
-def receiver(failures: int) -> Iterator[tuple[Receiver, str]]:
+def receiver(failures: int, port: int | None = None) -> Iterator[tuple[Receiver, str]]:
     state = Receiver(failures)
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -55,7 +55,7 @@ def receiver(failures: int) -> Iterator[tuple[Receiver, str]]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port or free_port()), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -154,6 +154,24 @@ def test_every_event_type_reaches_the_service_subscriber_and_the_signed_webhook_
     # Same event, same id, on both paths: receivers can deduplicate.
     assert {e["id"] for e in mqtt_events} <= {e["id"] for e in hook.accepted()}
     assert WEBHOOK_SECRET not in process.stderr() + process.stdout()
+
+
+def test_undelivered_webhook_events_survive_a_restart(make_service: Callable[..., ServiceProcess], unique: str) -> None:
+    port = free_port()  # nobody listens there until after the restart
+    process = make_service(env={
+        "ENDPOINT_BROKER_LIFECYCLE_WEBHOOK_URL": f"http://127.0.0.1:{port}/hook",
+        "ENDPOINT_BROKER_LIFECYCLE_WEBHOOK_RETRY_INITIAL_SECONDS": "0.05",
+        "ENDPOINT_BROKER_LIFECYCLE_WEBHOOK_RETRY_MAX_SECONDS": "0.2",
+    })
+    endpoint_id = process.register(token("alice", f"o-{unique}"), endpoint_id=f"e-{unique}")  # 200: stored
+    wait_until(lambda: "lifecycle webhook delivery failed" in process.stderr(), timeout=10)
+    process.restart()
+    with receiver(failures=0, port=port) as (hook, _):
+        wait_until(lambda: sequence(hook.accepted(), endpoint_id)[:1] == [(REGISTERED, "HEALTHY")], timeout=15)
+        # After the restart the table restores the endpoint as UNKNOWN: that event follows the stored one.
+        wait_until(lambda: sequence(hook.accepted(), endpoint_id) == [(REGISTERED, "HEALTHY"),
+                                                                     (STATE_CHANGED, "UNKNOWN")], timeout=15)
+    assert "lifecycle event(s) restored for the webhook" in process.stderr()
 
 
 def test_only_a_service_principal_may_subscribe_and_only_to_its_own_organisation(

@@ -11,6 +11,7 @@ import httpx
 import orjson
 import pytest
 
+from endpoint_core.journal import PutWebhookEvent
 from endpoint_core.table import EndpointTable
 from endpoint_core.webhook import QueuedDelivery, WebhookPolicy, WebhookQueue, backoff_seconds, signature
 from http_bridge.webhook import WebhookSender, webhook_queue
@@ -37,6 +38,31 @@ def test_the_queue_drops_the_oldest_when_full_with_a_counted_warning(caplog: pyt
     assert "1 dropped so far" in caplog.text
     queue.delivered(deliveries[0])  # dropped meanwhile: nothing changes
     assert queue.head() is deliveries[1]
+
+
+class RecordingJournal:
+    def __init__(self) -> None:
+        self.changes: list[object] = []
+
+    def append(self, changes: object) -> None:
+        self.changes.extend(changes)  # type: ignore[call-overload]
+
+
+def test_a_journalled_queue_stores_each_event_until_delivered_or_dropped() -> None:
+    journal = RecordingJournal()
+    queue = WebhookQueue(2, journal)  # type: ignore[arg-type]
+    queue.restore([PutWebhookEvent(7, b'{"id":"restored"}')])
+    assert queue.head() == QueuedDelivery("restored", b'{"id":"restored"}', 7)
+    assert journal.changes == []  # already stored
+    table = EndpointTable(clock=FakeClock())
+    table.observers.append(queue)
+    table.register("alice", "acme", "e1", 60, False)  # seq 8
+    table.register("alice", "acme", "e2", 60, False)  # seq 9: the restored one (7) is dropped
+    head = queue.head()
+    assert head is not None and head.seq == 8
+    queue.delivered(head)
+    assert [type(c).__name__ + str(c.seq) for c in journal.changes] == [  # type: ignore[attr-defined]
+        "PutWebhookEvent8", "PutWebhookEvent9", "DeleteWebhookEvent7", "DeleteWebhookEvent8"]
 
 
 def test_the_observer_only_enqueues_the_platform_shaped_event() -> None:
