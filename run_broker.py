@@ -189,8 +189,12 @@ class Server(uvicorn.Server):
     look like a crash (status -15, or a KeyboardInterrupt traceback).
     """
 
+    on_exit: Callable[[], None] | None = None
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
+        if self.on_exit is not None:
+            self.on_exit()
         captured = getattr(self, "_captured_signals", None)
         if isinstance(captured, list):
             captured.clear()
@@ -271,6 +275,12 @@ def serve(settings: Settings, tls: ServerTls | None) -> int:
 
     async def main() -> None:
         reload_on_sighup(tls)
+        loop = asyncio.get_running_loop()
+        # Dashboard streams never end by themselves: end them at once, or they hold the drain to its bound.
+        def end_streams() -> None:
+            loop.call_soon_threadsafe(app.state.dashboard.shutdown)
+
+        server.on_exit = end_streams
         await server.serve()
 
     run_event_loop(main())

@@ -48,13 +48,14 @@ class DashboardPolicy:
 class Stream:
     """One browser's queue of lifecycle events, bounded."""
 
-    __slots__ = ("_wake", "events", "max_events", "organization_id", "overflowed")
+    __slots__ = ("_wake", "closing", "events", "max_events", "organization_id", "overflowed")
 
     def __init__(self, organization_id: str | None, max_events: int) -> None:
         self.organization_id = organization_id  # None: every organisation
         self.max_events = max_events
         self.events: deque[LifecycleEvent] = deque()
         self.overflowed = False
+        self.closing = False  # the service is shutting down
         self._wake = asyncio.Event()
 
     def offer(self, event: LifecycleEvent) -> None:
@@ -65,6 +66,10 @@ class Stream:
             self.events.clear()
         else:
             self.events.append(event)
+        self._wake.set()
+
+    def close(self) -> None:
+        self.closing = True
         self._wake.set()
 
     async def wait(self, seconds: float) -> None:
@@ -80,6 +85,7 @@ class DashboardStreams:
     def __init__(self, policy: DashboardPolicy) -> None:
         self.policy = policy
         self.streams: set[Stream] = set()
+        self.shutting_down = False
 
     def __call__(self, event: LifecycleEvent) -> None:
         for stream in self.streams:
@@ -88,6 +94,8 @@ class DashboardStreams:
     def open(self, principal: Principal) -> Stream:
         if not principal.is_service:
             raise NotAuthenticated("the dashboard needs a SERVICE token", "Authorization")
+        if self.shutting_down:
+            raise Unavailable("the service is shutting down")
         if len(self.streams) >= self.policy.max_streams:
             raise Unavailable(f"{self.policy.max_streams} dashboard streams are open, the most allowed; retry later")
         stream = Stream(principal.organization_id, self.policy.stream_queue_events)
@@ -96,6 +104,12 @@ class DashboardStreams:
 
     def close(self, stream: Stream) -> None:
         self.streams.discard(stream)
+
+    def shutdown(self) -> None:
+        """End every stream now and refuse new ones (SIGTERM: the HTTP drain waits for open responses)."""
+        self.shutting_down = True
+        for stream in self.streams:
+            stream.close()
 
 
 def snapshot(table: EndpointTable, organization_id: str | None) -> dict[str, Any]:
@@ -138,6 +152,8 @@ async def dashboard_events(request: Request) -> Response:
             next_snapshot = loop.time() + interval
             while True:
                 await stream.wait(max(0.0, next_snapshot - loop.time()))
+                if stream.closing:
+                    return
                 if stream.overflowed:
                     yield sse("reset", {"reason": "the stream fell behind; reconnect"})
                     return

@@ -224,3 +224,15 @@ def test_the_page_is_served_without_a_cdn(service: ServiceProcess) -> None:
     assert '<script src="/dashboard/dashboard.js">' in page.text and "https://" not in page.text
     script = httpx.get(service.base_url + "/dashboard/dashboard.js")
     assert script.status_code == 200 and "sessionStorage" in script.text and "/dashboard/events" in script.text
+
+
+def test_sigterm_ends_open_dashboard_streams_instead_of_waiting_for_them(
+    make_service: Callable[..., ServiceProcess]
+) -> None:
+    # A drain bound far above stop()'s 15 s: were the stream left open, the stop would end in a SIGKILL.
+    process = make_service(env={"ENDPOINT_BROKER_SHUTDOWN_TIMEOUT_SECONDS": "120"})
+    with process.http(service_token()) as client, client.stream("GET", "/dashboard/events") as response:
+        lines = response.iter_lines()
+        assert next(lines) == "event: snapshot"
+        assert process.stop() == 0
+        assert list(lines)[-1:] in ([], [""])  # the server ended the stream
