@@ -57,8 +57,8 @@ def row_states(driver: WebDriver) -> dict[str, str]:
 def test_the_page_shows_endpoints_live_and_follows_one_to_sick_and_gone(
     browser: WebDriver, make_service: Callable[..., ServiceProcess], unique: str, tmp_path: Path
 ) -> None:
-    # SICK after keepAliveSeconds, removed 3 s later: a window the page is sure to show.
-    process = make_service(env={"ENDPOINT_BROKER_MIN_EXPIRY_GRACE_SECONDS": "3"})
+    # SICK after keepAliveSeconds, removed 5 s later: a window the page is sure to show.
+    process = make_service(env={"ENDPOINT_BROKER_MIN_EXPIRY_GRACE_SECONDS": "5"})
     org = f"o-{unique}"
     wait = WebDriverWait(browser, 20, poll_frequency=0.1)
 
@@ -68,7 +68,7 @@ def test_the_page_shows_endpoints_live_and_follows_one_to_sick_and_gone(
     wait.until(lambda d: d.find_element(By.ID, "status").text == "live")
 
     alice = token("alice", org)
-    rest_id = process.register(alice, keep_alive=2, endpoint_id=f"tab-{unique}")
+    rest_id = process.register(alice, keep_alive=600, endpoint_id=f"tab-{unique}")
     process.register(token("bob", f"other-{unique}"), endpoint_id=f"elsewhere-{unique}")  # not for this token
     with RawMqtt(process.mqtt_port) as phone:
         assert phone.connect(f"phone-{unique}", "alice", alice, keep_alive=60) == (0, False)
@@ -85,6 +85,8 @@ def test_the_page_shows_endpoints_live_and_follows_one_to_sick_and_gone(
         browser.find_element(By.ID, "filter").send_keys(" ")  # an input event, back to every row
         wait.until(lambda d: len(row_states(d)) == 2)
 
+        # Registered again with a short keepAliveSeconds, counted from now: it turns SICK, then expires.
+        process.register(alice, keep_alive=2, endpoint_id=rest_id)
         wait.until(lambda d: row_states(d).get(rest_id) == "SICK")
         wait.until(lambda d: d.find_element(By.ID, "count-SICK").text == "SICK: 1")
         browser.save_screenshot(str(tmp_path / "dashboard.png"))
@@ -94,6 +96,15 @@ def test_the_page_shows_endpoints_live_and_follows_one_to_sick_and_gone(
         assert row_states(browser) == {f"phone-{unique}": "HEALTHY"}
     assert (tmp_path / "dashboard.png").stat().st_size > 0
 
-    # The token lives in sessionStorage only, and a refused one brings the form back.
+    # The token lives in sessionStorage only; forgetting it, or a refused one, brings the form back.
     assert browser.execute_script("return sessionStorage.length") == 1
     assert browser.execute_script("return localStorage.length") == 0
+    browser.find_element(By.ID, "logout").click()
+    wait.until(lambda d: d.find_element(By.ID, "token").is_displayed())
+    assert browser.execute_script("return sessionStorage.length") == 0
+    browser.find_element(By.ID, "token").send_keys(alice)  # a user token, not a SERVICE one
+    browser.find_element(By.ID, "connect").click()
+    # The form comes back, saying why (the 401's problem detail).
+    wait.until(lambda d: d.find_element(By.ID, "token").get_attribute("placeholder")
+               == "the dashboard needs a SERVICE token" and d.find_element(By.ID, "token").is_displayed())
+    assert browser.execute_script("return sessionStorage.length") == 0
