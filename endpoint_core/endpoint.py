@@ -15,8 +15,8 @@ from endpoint_core.outbox import Outbox
 class EndpointState(enum.StrEnum):
     HEALTHY = "HEALTHY"
     SICK = "SICK"
-    # In the spec's enum; this service never produces it: an endpoint is known
-    # to be HEALTHY or SICK from its keepalives, and it is gone once expired.
+    # In the spec's enum. Only a restart produces it (EndpointTable.restore): until its first
+    # keepalive nobody knows; otherwise an endpoint is HEALTHY or SICK, and gone once expired.
     UNKNOWN = "UNKNOWN"
 
 
