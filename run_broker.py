@@ -38,6 +38,7 @@ from broker_plugin.runtime import MqttRuntime, MqttSettings
 from config import ConfigError, Settings, load_settings
 from config.log_output import configure_logging
 from config.tls import ServerTls, TlsFiles
+from endpoint_core.feeds import LifecycleFeeds
 from endpoint_core.idempotency import IdempotencyKeys
 from endpoint_core.journal import Store
 from endpoint_core.principals import ClaimNames, JwtVerifier, mint_token
@@ -45,6 +46,8 @@ from endpoint_core.service import EndpointService
 from endpoint_core.table import EndpointTable
 from http_bridge.app import create_app
 from http_bridge.connections import fd_reserve, guarded_protocol, max_connections_for
+from http_bridge.dashboard import DashboardPolicy
+from http_bridge.webhook import WebhookSender, webhook_queue
 from store import DATABASE_FILE, MemoryStore, SqliteStore, StoreFileError
 
 log = logging.getLogger("endpoint_broker")
@@ -130,7 +133,16 @@ def build_app(settings: Settings, tls: ServerTls | None = None) -> Starlette:
     table = EndpointTable(settings.table_policy(), journal=store)
     idempotency = IdempotencyKeys(settings.idempotency_window_seconds)
     idempotency.restore(snapshot.idempotency)
-    service = EndpointService(table, verifier, store, idempotency, limits=settings.rate_limit_policy())
+    feeds = LifecycleFeeds(settings.lifecycle_mqtt_queue_max_events, settings.ack_timeout_seconds)
+    service = EndpointService(table, verifier, store, idempotency, limits=settings.rate_limit_policy(), feeds=feeds)
+    webhook = None
+    if settings.lifecycle_webhook_url:
+        webhook = WebhookSender(settings.lifecycle_webhook_url, settings.lifecycle_webhook_secret,
+                                webhook_queue(table, settings.webhook_policy(), store, snapshot.webhook_events),
+                                settings.webhook_policy())
+    elif snapshot.webhook_events:
+        log.warning("%d lifecycle event(s) stored for the webhook are kept, undelivered: "
+                    "lifecycle_webhook_url is not set", len(snapshot.webhook_events))
     mqtt = MqttRuntime(service, MqttSettings(
         host=settings.host,
         port=settings.mqtt_port,
@@ -157,7 +169,9 @@ def build_app(settings: Settings, tls: ServerTls | None = None) -> Starlette:
 
     return create_app(service, mqtt, store, max_body_bytes=settings.max_body_bytes,
                       cors_allow_origins=settings.cors_allow_origins, on_starting=on_starting,
-                      on_started=on_started, metrics_port=settings.metrics_port, metrics_host=settings.host)
+                      on_started=on_started, metrics_port=settings.metrics_port, metrics_host=settings.host,
+                      webhook=webhook,
+                      dashboard=DashboardPolicy(settings.dashboard_max_streams, settings.dashboard_stream_queue_events))
 
 
 def print_dev_banner(settings: Settings, dev_secret: str) -> None:
@@ -184,8 +198,12 @@ class Server(uvicorn.Server):
     look like a crash (status -15, or a KeyboardInterrupt traceback).
     """
 
+    on_exit: Callable[[], None] | None = None
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
+        if self.on_exit is not None:
+            self.on_exit()
         captured = getattr(self, "_captured_signals", None)
         if isinstance(captured, list):
             captured.clear()
@@ -277,6 +295,12 @@ def serve(settings: Settings, tls: ServerTls | None) -> int:
 
     async def main() -> None:
         reload_on_sighup(tls)
+        loop = asyncio.get_running_loop()
+        # Dashboard streams never end by themselves: end them at once, or they hold the drain to its bound.
+        def end_streams() -> None:
+            loop.call_soon_threadsafe(app.state.dashboard.shutdown)
+
+        server.on_exit = end_streams
         await server.serve()
 
     run_event_loop(main())

@@ -35,6 +35,7 @@ from broker_plugin.connection import (
 from endpoint_core.clock import Clock
 from endpoint_core.endpoint import DisconnectReason, RemovalReason, UserEndpoint
 from endpoint_core.logtext import loggable
+from endpoint_core.principals import Principal
 
 if TYPE_CHECKING:
     from broker_plugin.plugin import ConnectVerdict, EndpointPlugin
@@ -96,7 +97,7 @@ class LinkHost(Protocol):
 
 class MqttLink:
     __slots__ = ("__weakref__", "_connection", "_corked", "_ended", "_host", "_refusals", "_timer",
-                 "_transport", "close_reason", "endpoint", "peer", "pending", "transport_name")
+                 "_transport", "close_reason", "endpoint", "peer", "pending", "principal", "transport_name")
 
     def __init__(self, host: LinkHost, transport: Transport, peer: str, transport_name: str) -> None:
         self._host = host
@@ -109,6 +110,7 @@ class MqttLink:
         self.peer = peer
         self.transport_name = transport_name  # "tcp", "tls" or "websocket"
         self.endpoint: UserEndpoint | None = None
+        self.principal: Principal | None = None  # who connected: what it may subscribe to depends on it
         self.close_reason: DisconnectReason | None = None
         self.pending = True  # no CONNECT answered yet
         self._arm_timer()
@@ -164,6 +166,7 @@ class MqttLink:
             reason = self.close_reason or DisconnectReason.DROPPED
             log.info("connection of %s from %s ended: %s", endpoint.id, self.peer, reason)
             self._host.table.disconnect(endpoint, self, reason)
+        self._host.plugin.service.feeds.link_ended(self)
         self._host.link_ended(self)
 
     # ------------------------------------------------------------ EndpointLink
@@ -187,9 +190,11 @@ class MqttLink:
         if endpoint is not None:
             # Every packet from the client is a keepalive for its endpoint.
             self._host.table.touch(endpoint, self)
+            self._host.plugin.service.feeds.touch(self)
         if isinstance(event, PubackReceived):
             assert endpoint is not None
-            self._host.table.acknowledge(endpoint, self, event.packet_id)
+            if not self._host.plugin.service.feeds.acknowledge(self, event.packet_id):
+                self._host.table.acknowledge(endpoint, self, event.packet_id)
         elif isinstance(event, SubscribeRequest):
             assert endpoint is not None
             self._on_subscribe(event, endpoint)
@@ -201,6 +206,7 @@ class MqttLink:
             assert endpoint is not None
             for topic in event.topics:
                 self._host.table.unsubscribe(endpoint, self, topic)
+                self._host.plugin.service.feeds.unsubscribe(self, topic)
         elif isinstance(event, PublishReceived):
             assert endpoint is not None
             if not self._host.plugin.on_publish(self, endpoint, event.topic, event.payload, event.retain):
@@ -227,6 +233,7 @@ class MqttLink:
         assert verdict.endpoint is not None and verdict.principal is not None
         # Attached now, so that however the connection ends from here, it detaches.
         self.endpoint = verdict.endpoint
+        self.principal = verdict.principal
         # CONNACK 0 only once what this CONNECT changed (a registration, a version) is stored.
         self._after_commit(journalled, lambda stored: self._answer_connect(verdict, stored, created))
 
@@ -252,9 +259,10 @@ class MqttLink:
     def _on_subscribe(self, request: SubscribeRequest, endpoint: UserEndpoint) -> None:
         plugin = self._host.plugin
         journalled = self._host.table.journalled
+        assert self.principal is not None
         codes = []
         for topic, qos in request.topics:
-            code = plugin.on_subscribe(self, endpoint, topic, qos)
+            code = plugin.on_subscribe(self, endpoint, topic, qos, self.principal)
             if code == codec.SUBACK_FAILURE:
                 self._log_refusal("subscription to", topic)
             codes.append(code)

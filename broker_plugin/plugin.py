@@ -24,6 +24,7 @@ from amqtt.plugins.base import BasePlugin
 from broker_plugin import codec
 from endpoint_core.endpoint import EndpointLink, UserEndpoint
 from endpoint_core.errors import Conflict, DomainError, Forbidden, NotAuthenticated, RateLimited
+from endpoint_core.feeds import is_lifecycle_filter
 from endpoint_core.ids import endpoint_id_problem
 from endpoint_core.principals import Principal
 from endpoint_core.service import EndpointService
@@ -97,12 +98,17 @@ class EndpointPlugin(BasePlugin[BrokerContext]):
             return ConnectVerdict(codec.IDENTIFIER_REJECTED, exc.detail)
         return ConnectVerdict(codec.ACCEPTED, "", endpoint, principal, session_present)
 
-    def on_subscribe(self, link: EndpointLink, endpoint: UserEndpoint, topic_filter: str, qos: int) -> int:
+    def on_subscribe(self, link: EndpointLink, endpoint: UserEndpoint, topic_filter: str, qos: int,
+                     principal: Principal) -> int:
         """Return the granted QoS or 0x80. May: add the filter to the endpoint's subscriptions.
 
         Only the endpoint's own topics are granted; wildcards, other endpoints'
         topics and $SYS are refused. QoS 2 is granted as 1: events go out at most at QoS 1.
+        Under `$events/` the lifecycle rule decides (endpoint_core.feeds), for the connection only.
         """
+        if is_lifecycle_filter(topic_filter):
+            granted = self.service.feeds.subscribe(principal, link, topic_filter, qos)
+            return codec.SUBACK_FAILURE if granted is None else granted
         granted = self.table.subscribe(endpoint, link, topic_filter, qos)
         return codec.SUBACK_FAILURE if granted is None else granted
 

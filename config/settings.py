@@ -22,10 +22,12 @@ from typing import Any
 import yaml
 
 from broker_plugin.connection import ConnectionLimits
+from endpoint_core import feeds, webhook
 from endpoint_core.idempotency import DEFAULT_WINDOW_SECONDS
 from endpoint_core.principals import ClaimNames
 from endpoint_core.ratelimit import RateLimitPolicy
 from endpoint_core.table import TablePolicy
+from http_bridge.dashboard import DashboardPolicy
 
 ENV_PREFIX = "ENDPOINT_BROKER_"
 # Each default below that belongs to a component is that component's own.
@@ -33,6 +35,8 @@ _POLICY = TablePolicy()
 _LIMITS = ConnectionLimits()
 _CLAIMS = ClaimNames()
 _RATES = RateLimitPolicy()
+_WEBHOOK = webhook.WebhookPolicy()
+_DASHBOARD = DashboardPolicy()
 
 
 class ConfigError(ValueError):
@@ -121,6 +125,17 @@ class Settings:
     # Connections allowed to await their CONNECT at once; more are refused at accept.
     mqtt_max_pending_connects: int = 1000
 
+    # Lifecycle events (README, "Lifecycle events"): the MQTT feed, the webhook, the dashboard.
+    lifecycle_mqtt_queue_max_events: int = feeds.DEFAULT_MAX_EVENTS
+    lifecycle_webhook_url: str | None = None
+    lifecycle_webhook_secret: str | None = None
+    lifecycle_webhook_queue_max_events: int = _WEBHOOK.queue_max_events
+    lifecycle_webhook_retry_initial_seconds: float = _WEBHOOK.retry_initial_seconds
+    lifecycle_webhook_retry_max_seconds: float = _WEBHOOK.retry_max_seconds
+    lifecycle_webhook_timeout_seconds: float = _WEBHOOK.timeout_seconds
+    dashboard_max_streams: int = _DASHBOARD.max_streams
+    dashboard_stream_queue_events: int = _DASHBOARD.stream_queue_events
+
     @property
     def tls(self) -> bool:
         return bool(self.tls_cert and self.tls_key)
@@ -187,8 +202,36 @@ class Settings:
                 re.compile(self.endpoint_id_pattern)
             except re.error as exc:
                 raise ConfigError(f"endpoint_id_pattern is not a regular expression: {exc}") from None
+        self._check_lifecycle()
         if self.jwt_public_key_file and not Path(self.jwt_public_key_file).is_file():
             raise ConfigError(f"jwt_public_key_file {self.jwt_public_key_file!r} does not exist")
+
+    def _check_lifecycle(self) -> None:
+        url = self.lifecycle_webhook_url
+        if url and not re.match(r"https?://[^/\s]+", url):
+            raise ConfigError("lifecycle_webhook_url must be an http:// or https:// URL")
+        if self.lifecycle_webhook_secret and not url:
+            raise ConfigError("lifecycle_webhook_secret is set but lifecycle_webhook_url is not")
+        for name in ("lifecycle_mqtt_queue_max_events", "lifecycle_webhook_queue_max_events",
+                     "dashboard_max_streams", "dashboard_stream_queue_events"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        # The feed's packet ids come from a range of 5535 (endpoint_core.outbox.LIFECYCLE_PACKET_IDS).
+        if self.lifecycle_mqtt_queue_max_events > 5000:
+            raise ConfigError("lifecycle_mqtt_queue_max_events must be at most 5000")
+        for name in ("lifecycle_webhook_retry_initial_seconds", "lifecycle_webhook_timeout_seconds"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+        if self.lifecycle_webhook_retry_max_seconds < self.lifecycle_webhook_retry_initial_seconds:
+            raise ConfigError("lifecycle_webhook_retry_max_seconds must be at least the initial retry delay")
+
+    def webhook_policy(self) -> webhook.WebhookPolicy:
+        return webhook.WebhookPolicy(
+            queue_max_events=self.lifecycle_webhook_queue_max_events,
+            retry_initial_seconds=self.lifecycle_webhook_retry_initial_seconds,
+            retry_max_seconds=self.lifecycle_webhook_retry_max_seconds,
+            timeout_seconds=self.lifecycle_webhook_timeout_seconds,
+        )
 
     def table_policy(self) -> TablePolicy:
         """The table's settings, field by field."""
@@ -211,6 +254,8 @@ class Settings:
         values = dataclasses.asdict(self)
         if values["jwt_secret"]:
             values["jwt_secret"] = "***"  # noqa: S105 - the redaction marker
+        if values["lifecycle_webhook_secret"]:
+            values["lifecycle_webhook_secret"] = "***"  # noqa: S105 - the redaction marker
         return values
 
 

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import enum
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from endpoint_core.clock import iso_instant
 from endpoint_core.outbox import Outbox
 
 
 class EndpointState(enum.StrEnum):
     HEALTHY = "HEALTHY"
     SICK = "SICK"
-    # In the spec's enum; this service never produces it: an endpoint is known
-    # to be HEALTHY or SICK from its keepalives, and it is gone once expired.
+    # In the spec's enum. Only a restart produces it (EndpointTable.restore): until its first
+    # keepalive nobody knows; otherwise an endpoint is HEALTHY or SICK, and gone once expired.
     UNKNOWN = "UNKNOWN"
 
 
@@ -102,6 +104,8 @@ class UserEndpoint:
     link: EndpointLink | None = None
     # The MQTT keep-alive of the attached link (0: none); None without a link.
     link_keep_alive: int | None = None
+    # When the attached link connected (table clock); None without a link.
+    connected_since: float | None = None
     # Topic -> granted QoS (0 or 1) on the current link, in subscription order.
     # Kept across links only for clean_session=0 clients (see EndpointTable.connect).
     subscriptions: dict[str, int] = field(default_factory=dict)
@@ -117,8 +121,12 @@ class UserEndpoint:
         """Whether `topic` is one of this endpoint's own topics (the only ones it may subscribe to)."""
         return topic in endpoint_topics(self.id, self.user_id)
 
-    def view(self) -> dict[str, Any]:
-        """The spec's UserEndpointView, plus two read-only extras operators asked for."""
+    def view(self, now: float) -> dict[str, Any]:
+        """The spec's UserEndpointView, plus read-only extras operators asked for.
+
+        `now` is on the table's clock, which `last_keepalive` and `connected_since` use.
+        """
+        connected_since = self.connected_since
         return {
             "id": self.id,
             "userId": self.user_id,
@@ -128,4 +136,6 @@ class UserEndpoint:
             "version": self.version,
             "serverKeepAliveReminderOn": self.server_keep_alive_reminder_on,
             "connected": self.link is not None,
+            "connectedSince": None if connected_since is None else iso_instant(time.time() - (now - connected_since)),
+            "lastKeepaliveAgoSeconds": max(0, int(now - self.last_keepalive)),
         }

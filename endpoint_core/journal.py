@@ -13,7 +13,8 @@ What is journalled, and what is not:
   (registration, re-registration, version, a persistent session's subscriptions);
 - its removal, which also removes its queued events;
 - each queued QoS 1 event, and its removal once acknowledged (or dropped);
-- idempotency keys of sendEvent, in the same commit as their events.
+- idempotency keys of sendEvent, in the same commit as their events;
+- each lifecycle event waiting for the webhook, and its removal once delivered (or dropped).
 Keepalives are never journalled: a restart gives every endpoint a fresh deadline.
 """
 
@@ -90,7 +91,20 @@ class PutIdempotency:
     record: IdempotencyRecord
 
 
-Change = PutEndpoint | DeleteEndpoint | PutEvent | DeleteEvent | PutIdempotency
+@dataclass(frozen=True, slots=True)
+class PutWebhookEvent:
+    """A lifecycle event queued for the webhook; `seq` orders the queue and names the event."""
+
+    seq: int
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteWebhookEvent:
+    seq: int
+
+
+Change = PutEndpoint | DeleteEndpoint | PutEvent | DeleteEvent | PutIdempotency | PutWebhookEvent | DeleteWebhookEvent
 
 
 @dataclass(slots=True)
@@ -101,6 +115,8 @@ class Snapshot:
     # Per endpoint id, its events in `seq` order.
     events: dict[str, list[StoredEvent]] = field(default_factory=dict)
     idempotency: list[IdempotencyRecord] = field(default_factory=list)
+    # Lifecycle events not yet delivered to the webhook, in `seq` order.
+    webhook_events: list[PutWebhookEvent] = field(default_factory=list)
 
 
 @dataclass(slots=True)

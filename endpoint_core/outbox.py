@@ -12,6 +12,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 MAX_PACKET_ID = 65535
+# Packet ids are split per connection: an endpoint's own events use the low range (two topic
+# forms x at most 30000 queued events), a lifecycle subscription (endpoint_core.feeds) the rest,
+# so one PUBACK can never be taken for the other's.
+ENDPOINT_PACKET_IDS = (1, 60_000)
+LIFECYCLE_PACKET_IDS = (60_001, MAX_PACKET_ID)
 
 
 @dataclass(slots=True, eq=False)
@@ -27,11 +32,13 @@ class PendingEvent:
 class Outbox:
     """Ordered pending events, bounded by count and payload bytes."""
 
-    __slots__ = ("_by_packet", "_bytes", "_next_packet_id", "_pending", "_unsent", "max_bytes", "max_count")
+    __slots__ = ("_by_packet", "_bytes", "_next_packet_id", "_packet_ids", "_pending", "_unsent", "max_bytes",
+                 "max_count")
 
-    def __init__(self, max_count: int, max_bytes: int) -> None:
+    def __init__(self, max_count: int, max_bytes: int, packet_ids: tuple[int, int] = ENDPOINT_PACKET_IDS) -> None:
         self.max_count = max_count
         self.max_bytes = max_bytes
+        self._packet_ids = packet_ids
         self._pending: dict[int, PendingEvent] = {}  # id(event) -> event, in arrival order
         # Not yet sent on the current link, oldest first. Sending is in order, so
         # this is always a suffix of `_pending`, and flushing costs O(sent), not
@@ -39,7 +46,7 @@ class Outbox:
         self._unsent: deque[PendingEvent] = deque()
         self._by_packet: dict[int, PendingEvent] = {}
         self._bytes = 0
-        self._next_packet_id = 0
+        self._next_packet_id = packet_ids[1]  # the first allocated is the range's first
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -105,8 +112,9 @@ class Outbox:
 
     def allocate_packet_id(self) -> int:
         """A packet id not in use by any unacknowledged PUBLISH (the outbox bound keeps them few)."""
+        first, last = self._packet_ids
         while True:
-            self._next_packet_id = self._next_packet_id % MAX_PACKET_ID + 1
+            self._next_packet_id = first if self._next_packet_id >= last else self._next_packet_id + 1
             if self._next_packet_id not in self._by_packet:
                 return self._next_packet_id
 
@@ -122,6 +130,22 @@ class Outbox:
         event.unacked.pop(packet_id, None)
         if event.unacked:
             return None
+        self._remove(event)
+        return event
+
+    def owns_packet_id(self, packet_id: int) -> bool:
+        return self._packet_ids[0] <= packet_id <= self._packet_ids[1]
+
+    def drop_oldest(self) -> PendingEvent | None:
+        """Make room: the oldest event leaves, sent or not; a late PUBACK for it is then ignored."""
+        if not self._pending:
+            return None
+        event = next(iter(self._pending.values()))
+        for packet_id in event.unacked:
+            self._by_packet.pop(packet_id, None)
+        event.unacked.clear()
+        if self._unsent and self._unsent[0] is event:
+            self._unsent.popleft()
         self._remove(event)
         return event
 

@@ -24,6 +24,7 @@ from endpoint_core.clock import Clock, monotonic
 from endpoint_core.endpoint import EndpointLink, RemovalReason, UserEndpoint, endpoint_id_of_topic
 from endpoint_core.errors import DomainError, Forbidden, InvalidInput, NotAuthenticated, NotFound, Unavailable
 from endpoint_core.events import SendEventCommand, masked, parse_send_event
+from endpoint_core.feeds import LifecycleFeeds
 from endpoint_core.idempotency import IdempotencyKeys, KeyState, body_digest
 from endpoint_core.ids import require_endpoint_id
 from endpoint_core.journal import PutIdempotency, Store, StoreUnavailable
@@ -67,8 +68,12 @@ class EndpointService:
         *,
         limits: RateLimitPolicy | None = None,
         clock: Clock = monotonic,
+        feeds: LifecycleFeeds | None = None,
     ) -> None:
         self.table = table
+        # Lifecycle events to `$events/...` MQTT subscribers (endpoint_core.feeds).
+        self.feeds = feeds or LifecycleFeeds(ack_timeout_seconds=table.policy.ack_timeout_seconds, clock=clock)
+        table.observers.append(self.feeds)
         self.verifier = verifier
         self.store = store
         self.idempotency = idempotency or IdempotencyKeys()

@@ -45,7 +45,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from cachetools import TTLCache
 
@@ -180,6 +180,10 @@ class EndpointTable:
     def __iter__(self) -> Iterator[UserEndpoint]:
         return iter(list(self._by_id.values()))
 
+    def view(self, endpoint: UserEndpoint) -> dict[str, Any]:
+        """The endpoint's UserEndpointView, its ages counted on the table's clock."""
+        return endpoint.view(self._clock())
+
     # ---------------------------------------------------------- registration
 
     def register(
@@ -260,6 +264,7 @@ class EndpointTable:
         endpoint.outbox = None
         endpoint.subscriptions = {}
         link, endpoint.link, endpoint.link_keep_alive = endpoint.link, None, None
+        endpoint.connected_since = None
         self.record((DeleteEndpoint(endpoint.id),))
         log.info("endpoint %s removed: %s%s", endpoint.id, reason, f" ({detail})" if detail else "")
         if link is not None:
@@ -310,6 +315,7 @@ class EndpointTable:
                 self._journal_endpoint(endpoint)
             self._keepalive(endpoint, now)
         previous, endpoint.link, endpoint.link_keep_alive = endpoint.link, link, mqtt_keep_alive
+        endpoint.connected_since = now
         if previous is not None and previous is not link:
             self._emit(LifecycleType.DISCONNECTED, endpoint, reason=DisconnectReason.TAKEN_OVER)
         self._emit(LifecycleType.CONNECTED, endpoint, transport=link.transport_name)
@@ -334,7 +340,7 @@ class EndpointTable:
         if endpoint.link_keep_alive == 0:
             # Nothing watched a keep-alive-0 connection: its end is its last sign of life.
             endpoint.last_keepalive = self._clock()
-        endpoint.link, endpoint.link_keep_alive = None, None
+        endpoint.link, endpoint.link_keep_alive, endpoint.connected_since = None, None, None
         self._emit(LifecycleType.DISCONNECTED, endpoint, reason=reason)
         if not endpoint.persistent_session:
             endpoint.subscriptions = {}

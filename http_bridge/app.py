@@ -18,8 +18,10 @@ from endpoint_core.expiry import ExpiryDriver
 from endpoint_core.journal import Store
 from endpoint_core.service import EndpointService
 from http_bridge.commands import CommandRoutes
+from http_bridge.dashboard import DashboardPolicy, DashboardStreams
 from http_bridge.problems import domain_error, http_error, unexpected_error
 from http_bridge.routes import routes
+from http_bridge.webhook import WebhookSender
 from observability.requests import RequestObserver
 from observability.wiring import Observability
 
@@ -56,7 +58,11 @@ def create_app(
     on_started: Callable[[], None] | None = None,
     metrics_port: int = 0,
     metrics_host: str = "127.0.0.1",
+    dashboard: DashboardPolicy | None = None,
+    webhook: WebhookSender | None = None,
 ) -> Starlette:
+    streams = DashboardStreams(dashboard or DashboardPolicy())
+    service.table.observers.append(streams)
     # Route templates are the closed set of the HTTP metrics' `route` label.
     paths = [route.path for route in routes if isinstance(route, Route)]
     observability = Observability(
@@ -78,6 +84,8 @@ def create_app(
         expiry = ExpiryDriver(service.table)
         expiry.start()
         await observability.start()
+        if webhook is not None:
+            webhook.start()
         if on_started is not None:
             on_started()
         try:
@@ -86,6 +94,8 @@ def create_app(
             await observability.stop()
             expiry.stop()
             await mqtt.stop()
+            if webhook is not None:
+                await webhook.stop()
             await store.close()
 
     # Outermost: every request gets its id and is counted, whatever answers it.
@@ -115,5 +125,6 @@ def create_app(
     app.state.mqtt = mqtt
     app.state.store = store
     app.state.observability = observability
+    app.state.dashboard = streams
     app.state.max_body_bytes = max_body_bytes
     return app

@@ -26,6 +26,9 @@ OPENAPI_PATH = "/rtc-api/openapi.json"
 DOCS_PATH = "/rtc-api/docs"
 HEALTH_PATH = "/healthz"
 METRICS_PATH = "/metrics"
+DASHBOARD_PATH = "/dashboard"
+DASHBOARD_SCRIPT_PATH = "/dashboard/dashboard.js"
+DASHBOARD_EVENTS_PATH = "/dashboard/events"
 
 # Why each error status happens, for the response descriptions.
 _ERRORS = {
@@ -152,6 +155,11 @@ def _schemas() -> dict[str, Any]:
                 "version": {"type": "integer"},
                 "serverKeepAliveReminderOn": {"type": "boolean"},
                 "connected": {"type": "boolean", "description": "An MQTT connection is attached."},
+                "connectedSince": {"type": ["string", "null"], "readOnly": True,
+                                   "description": "When the attached MQTT connection connected (ISO-8601); "
+                                                  "null without one."},
+                "lastKeepaliveAgoSeconds": {"type": "integer", "minimum": 0, "readOnly": True,
+                                            "description": "Whole seconds since the last keepalive."},
             },
         },
         "Health": {
@@ -241,6 +249,29 @@ def _paths() -> dict[str, Any]:
                 "security": [],
                 "responses": {"200": {"description": "Ready.", "content": _json(_ref("Health"))},
                               **_errors()},
+            },
+        },
+        DASHBOARD_PATH: {
+            "get": {
+                "summary": "The live endpoints page (HTML). It holds no data: it asks for a SERVICE token.",
+                "security": [],
+                "responses": {"200": {"description": "The page.", "content": {"text/html": {}}}},
+            },
+        },
+        DASHBOARD_SCRIPT_PATH: {
+            "get": {
+                "summary": "The page's script.",
+                "security": [],
+                "responses": {"200": {"description": "JavaScript.", "content": {"text/javascript": {}}}},
+            },
+        },
+        DASHBOARD_EVENTS_PATH: {
+            "get": {
+                "summary": "Server-Sent Events for the page: a snapshot of the endpoints, then lifecycle events. "
+                           "SERVICE tokens only; one with an organisation sees only that organisation.",
+                "responses": {"200": {"description": "An event stream (snapshot, lifecycle, reset events).",
+                                      "content": {"text/event-stream": {}}},
+                              **_errors(400, 401, 503)},
             },
         },
         OPENAPI_PATH: {

@@ -11,8 +11,17 @@ from starlette.routing import Route, request_response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from http_bridge.commands import ENDPOINTS, PREFIX
+from http_bridge.dashboard import dashboard_events, dashboard_page, dashboard_script
 from http_bridge.docs_page import docs_asset, docs_page
-from http_bridge.openapi import DOCS_PATH, HEALTH_PATH, OPENAPI_PATH, openapi_json
+from http_bridge.openapi import (
+    DASHBOARD_EVENTS_PATH,
+    DASHBOARD_PATH,
+    DASHBOARD_SCRIPT_PATH,
+    DOCS_PATH,
+    HEALTH_PATH,
+    OPENAPI_PATH,
+    openapi_json,
+)
 from http_bridge.problems import problem
 from http_bridge.requests import principal_of, service_of
 from http_bridge.responses import json_response
@@ -34,13 +43,13 @@ async def list_endpoints(request: Request) -> Response:
     endpoints = service_of(request).list(
         principal, query.get("userId") or None, query.get("organizationId") or None
     )
-    return json_response([e.view() for e in endpoints])
+    return json_response([service_of(request).table.view(e) for e in endpoints])
 
 
 async def get_endpoint(request: Request) -> Response:
     principal = principal_of(request)
     endpoint = service_of(request).get(principal, request.path_params["endpoint_id"])
-    return json_response(endpoint.view())
+    return json_response(service_of(request).table.view(endpoint))
 
 
 async def healthz(request: Request) -> Response:
@@ -70,4 +79,8 @@ routes = [
     Route(OPENAPI_PATH, openapi_json, methods=["GET"]),  # no token: the contract is public
     Route(DOCS_PATH, docs_page, methods=["GET"]),
     Route(DOCS_PATH + "/{asset}", docs_asset, methods=["GET"]),
+    # The page and its script hold no data (no token); the stream needs a SERVICE token.
+    Route(DASHBOARD_PATH, dashboard_page, methods=["GET"]),
+    Route(DASHBOARD_SCRIPT_PATH, dashboard_script, methods=["GET"]),
+    Route(DASHBOARD_EVENTS_PATH, dashboard_events, methods=["GET"]),
 ]

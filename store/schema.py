@@ -71,7 +71,17 @@ def create_tables(connection: sqlite3.Connection) -> None:
     connection.execute("CREATE INDEX idempotency_expiry ON idempotency (expires_at)")
 
 
-MIGRATIONS: Sequence[Migration] = (create_tables,)
+def add_webhook_events(connection: sqlite3.Connection) -> None:
+    """v1 -> v2: lifecycle events waiting for the webhook, so that they survive a restart."""
+    connection.execute(
+        """CREATE TABLE webhook_events (
+            seq INTEGER PRIMARY KEY,
+            body BLOB NOT NULL  -- the JSON POSTed, exactly as signed
+        )"""
+    )
+
+
+MIGRATIONS: Sequence[Migration] = (create_tables, add_webhook_events)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -36,11 +36,13 @@ from endpoint_core.journal import (
     Change,
     DeleteEndpoint,
     DeleteEvent,
+    DeleteWebhookEvent,
     EndpointRecord,
     IdempotencyRecord,
     PutEndpoint,
     PutEvent,
     PutIdempotency,
+    PutWebhookEvent,
     Snapshot,
     StoredEvent,
     StoreStats,
@@ -182,6 +184,9 @@ STATEMENTS: dict[type, tuple[tuple[str, Callable[[Any], Params]], ...]] = {
                 lambda c: (c.event.endpoint_id, c.event.seq, c.event.payload)),),
     DeleteEvent: (("DELETE FROM events WHERE endpoint_id = ? AND seq = ?", lambda c: (c.endpoint_id, c.seq)),),
     PutIdempotency: ((PUT_IDEMPOTENCY, idempotency_params),),
+    PutWebhookEvent: (("INSERT OR REPLACE INTO webhook_events (seq, body) VALUES (?,?)",
+                       lambda c: (c.seq, c.body)),),
+    DeleteWebhookEvent: (("DELETE FROM webhook_events WHERE seq = ?", lambda c: (c.seq,)),),
 }
 
 
@@ -199,7 +204,7 @@ def purge_expired_keys(connection: sqlite3.Connection, now: float) -> None:
 
 def load_snapshot(connection: sqlite3.Connection, now: float) -> Snapshot:
     snapshot = Snapshot()
-    connection.execute("BEGIN")  # one read transaction: the three tables as of one commit
+    connection.execute("BEGIN")  # one read transaction: the tables as of one commit
     try:
         rows = connection.execute(SELECT_ENDPOINTS)
         snapshot.endpoints = [endpoint_from_row(row) for row in rows]
@@ -208,6 +213,8 @@ def load_snapshot(connection: sqlite3.Connection, now: float) -> Snapshot:
             snapshot.events.setdefault(endpoint_id, []).append(StoredEvent(endpoint_id, seq, bytes(payload)))
         rows = connection.execute(SELECT_IDEMPOTENCY, (now,))
         snapshot.idempotency = [IdempotencyRecord(*row) for row in rows]
+        snapshot.webhook_events = [PutWebhookEvent(seq, bytes(body)) for seq, body in
+                                   connection.execute("SELECT seq, body FROM webhook_events ORDER BY seq")]
     finally:
         connection.execute("COMMIT")
     return snapshot

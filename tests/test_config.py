@@ -50,3 +50,26 @@ def test_malformed_settings_are_refused_with_their_name(environ: dict[str, str],
         load_settings(environ)
 
 
+
+
+def test_the_webhook_policy_defaults_are_its_own_and_the_secret_is_redacted() -> None:
+    from endpoint_core.webhook import WebhookPolicy
+
+    assert Settings().webhook_policy() == WebhookPolicy()
+    settings = load_settings({"ENDPOINT_BROKER_LIFECYCLE_WEBHOOK_URL": "https://hooks.example/endpoints",
+                              "ENDPOINT_BROKER_LIFECYCLE_WEBHOOK_SECRET": "hush"})
+    assert settings.redacted()["lifecycle_webhook_secret"] == "***"
+
+
+@pytest.mark.parametrize(("environment", "named"), [
+    ({"LIFECYCLE_WEBHOOK_URL": "ftp://hooks.example/x"}, "lifecycle_webhook_url"),
+    ({"LIFECYCLE_WEBHOOK_SECRET": "hush"}, "lifecycle_webhook_secret"),
+    ({"LIFECYCLE_MQTT_QUEUE_MAX_EVENTS": "5001"}, "lifecycle_mqtt_queue_max_events"),
+    ({"LIFECYCLE_WEBHOOK_QUEUE_MAX_EVENTS": "0"}, "lifecycle_webhook_queue_max_events"),
+    ({"LIFECYCLE_WEBHOOK_RETRY_INITIAL_SECONDS": "0"}, "lifecycle_webhook_retry_initial_seconds"),
+    ({"LIFECYCLE_WEBHOOK_RETRY_MAX_SECONDS": "0.5"}, "lifecycle_webhook_retry_max_seconds"),
+    ({"DASHBOARD_MAX_STREAMS": "0"}, "dashboard_max_streams"),
+])
+def test_lifecycle_settings_that_cannot_work_are_refused(environment: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        load_settings({f"ENDPOINT_BROKER_{k}": v for k, v in environment.items()})

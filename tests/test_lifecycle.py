@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -69,6 +70,8 @@ def test_dev_mode_prints_a_working_token_and_curl_line(make_service: Callable[..
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("ENDPOINT_BROKER_")}
+    # A data dir of its own: a command that gets as far as opening the store must not write in the repository.
+    clean["ENDPOINT_BROKER_DATA_DIR"] = tempfile.mkdtemp(prefix="endpoint-broker-cli-")
     return subprocess.run([sys.executable, str(ROOT / "run_broker.py"), *args], cwd=ROOT,
                           env={**clean, **(env or {})}, capture_output=True, text=True, timeout=30, check=False)
 

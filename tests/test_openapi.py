@@ -7,7 +7,14 @@ from typing import Any
 import httpx
 from starlette.routing import Route
 
-from http_bridge.openapi import DOCS_PATH, METRICS_PATH, OPENAPI_PATH, openapi_document
+from http_bridge.openapi import (
+    DASHBOARD_PATH,
+    DASHBOARD_SCRIPT_PATH,
+    DOCS_PATH,
+    METRICS_PATH,
+    OPENAPI_PATH,
+    openapi_document,
+)
 from http_bridge.routes import routes
 from tests.support import ServiceProcess
 
@@ -48,8 +55,8 @@ def test_every_error_is_a_problem_and_every_protected_route_documents_401() -> N
             if int(status) >= 400:
                 assert set(response["content"]) == {"application/problem+json"}, (method, path, status)
         public = operation.get("security") == []
-        assert public == (path in ("/healthz", OPENAPI_PATH, DOCS_PATH, DOCS_PATH + "/{asset}", METRICS_PATH)), \
-            (method, path)
+        assert public == (path in ("/healthz", OPENAPI_PATH, DOCS_PATH, DOCS_PATH + "/{asset}", METRICS_PATH,
+                                   DASHBOARD_PATH, DASHBOARD_SCRIPT_PATH)), (method, path)
         if not public:
             assert {"400", "401"} <= set(operation["responses"]), (method, path)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from endpoint_core.outbox import MAX_PACKET_ID, Outbox, PendingEvent
+from endpoint_core.outbox import ENDPOINT_PACKET_IDS, LIFECYCLE_PACKET_IDS, MAX_PACKET_ID, Outbox, PendingEvent
+
+LAST_ENDPOINT_ID = ENDPOINT_PACKET_IDS[1]
 
 
 def send(outbox: Outbox, now: float = 0.0, topics: tuple[str, ...] = ("t",)) -> tuple[PendingEvent, list[int]]:
@@ -99,8 +101,8 @@ def test_packet_ids_wrap_after_65535_and_skip_ids_in_use() -> None:
     outbox.offer(b"e")
     _, (held,) = send(outbox)  # id 1 stays unacknowledged
     assert held == 1
-    allocated = [outbox.allocate_packet_id() for _ in range(MAX_PACKET_ID - 1)]
-    assert allocated[0] == 2 and allocated[-1] == MAX_PACKET_ID
+    allocated = [outbox.allocate_packet_id() for _ in range(LAST_ENDPOINT_ID - 1)]
+    assert allocated[0] == 2 and allocated[-1] == LAST_ENDPOINT_ID
     assert outbox.allocate_packet_id() == 2  # wrapped past 0 (not a valid packet id), and 1 is still in use
 
 
@@ -109,9 +111,41 @@ def test_an_acknowledged_packet_id_can_be_used_again() -> None:
     outbox.offer(b"e")
     _, (packet_id,) = send(outbox)
     outbox.acknowledge(packet_id)
-    for _ in range(MAX_PACKET_ID - 1):
+    for _ in range(LAST_ENDPOINT_ID - 1):
         outbox.allocate_packet_id()
     assert outbox.allocate_packet_id() == packet_id
+
+
+def test_a_lifecycle_outbox_uses_the_other_packet_ids_so_pubacks_never_mix() -> None:
+    outbox = Outbox(10, 1000, LIFECYCLE_PACKET_IDS)
+    assert outbox.allocate_packet_id() == LIFECYCLE_PACKET_IDS[0] == LAST_ENDPOINT_ID + 1
+    for _ in range(MAX_PACKET_ID - LIFECYCLE_PACKET_IDS[0]):
+        last = outbox.allocate_packet_id()
+    assert last == MAX_PACKET_ID
+    assert outbox.allocate_packet_id() == LIFECYCLE_PACKET_IDS[0]
+    assert outbox.owns_packet_id(MAX_PACKET_ID) and not outbox.owns_packet_id(LAST_ENDPOINT_ID)
+
+
+def test_drop_oldest_removes_a_sent_event_and_forgets_its_packet_ids() -> None:
+    outbox = Outbox(2, 1000)
+    outbox.offer(b"first")
+    outbox.offer(b"second")
+    first, (packet_id,) = send(outbox)
+    dropped = outbox.drop_oldest()
+    assert dropped is first and len(outbox) == 1
+    assert outbox.acknowledge(packet_id) is None  # a late PUBACK for it changes nothing
+    assert outbox.offer(b"third") is not None
+    assert [outbox.next_unsent().payload for _ in range(1)] == [b"second"]  # type: ignore[union-attr]
+
+
+def test_drop_oldest_of_an_unsent_event_keeps_the_send_order() -> None:
+    outbox = Outbox(2, 1000)
+    outbox.offer(b"first")
+    outbox.offer(b"second")
+    assert outbox.drop_oldest().payload == b"first"  # type: ignore[union-attr]
+    assert outbox.next_unsent().payload == b"second"  # type: ignore[union-attr]
+    outbox.drop_oldest()
+    assert outbox.drop_oldest() is None and outbox.next_unsent() is None
 
 
 # --------------------------------------------------------- acknowledgement

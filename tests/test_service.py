@@ -7,6 +7,7 @@ tests keep one flow per route showing that these errors become HTTP problems.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import time
 import uuid
@@ -109,9 +110,10 @@ def test_a_bearer_token_gives_its_principal(endpoint_service: EndpointService, t
 def test_register_makes_a_uuid_and_a_healthy_endpoint(endpoint_service: EndpointService) -> None:
     endpoint = register(endpoint_service, user("alice"), keep_alive=30)
     assert uuid.UUID(endpoint.id).version == 4
-    assert endpoint.view() == {
+    assert endpoint_service.table.view(endpoint) == {
         "id": endpoint.id, "userId": "alice", "organizationId": "org-a", "keepAliveSeconds": 30,
         "state": "HEALTHY", "version": 0, "serverKeepAliveReminderOn": False, "connected": False,
+        "connectedSince": None, "lastKeepaliveAgoSeconds": 0,
     }
     assert endpoint_service.get(user("alice"), endpoint.id) is endpoint
 
@@ -560,7 +562,22 @@ def test_connect_registers_and_attaches(endpoint_service: EndpointService) -> No
     link = FakeLink()
     endpoint, session_present = endpoint_service.connect(user("alice"), "e1", 25, link, False)
     assert (endpoint.id, endpoint.keep_alive_seconds, endpoint.link, session_present) == ("e1", 25, link, False)
-    assert endpoint_service.get(user("alice"), "e1").view()["connected"] is True
+    assert endpoint_service.table.view(endpoint_service.get(user("alice"), "e1"))["connected"] is True
+
+
+def test_the_view_says_since_when_connected_and_how_long_ago_the_last_keepalive_was(
+    endpoint_service: EndpointService, clock: FakeClock
+) -> None:
+    link = FakeLink()
+    before = time.time()
+    endpoint, _ = endpoint_service.connect(user("alice"), "e1", 0, link, False)
+    clock.now += 42.7
+    view = endpoint_service.table.view(endpoint)
+    assert view["lastKeepaliveAgoSeconds"] == 42
+    since = datetime.datetime.fromisoformat(view["connectedSince"]).timestamp()
+    assert before - 1 <= since + 42.7 <= time.time() + 1  # 42.7 s before now, on the wall clock
+    endpoint_service.table.disconnect(endpoint, link, DisconnectReason.DROPPED)
+    assert endpoint_service.table.view(endpoint)["connectedSince"] is None
 
 
 @pytest.fixture

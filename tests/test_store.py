@@ -20,17 +20,19 @@ from endpoint_core.journal import (
     Change,
     DeleteEndpoint,
     DeleteEvent,
+    DeleteWebhookEvent,
     EndpointRecord,
     IdempotencyRecord,
     PutEndpoint,
     PutEvent,
     PutIdempotency,
+    PutWebhookEvent,
     StoredEvent,
     StoreStats,
     StoreUnavailable,
 )
 from store import DATABASE_FILE, SCHEMA_VERSION, MemoryStore, SqliteStore, StoreFileError, StoreVersionError
-from store.schema import migrate, schema_version
+from store.schema import MIGRATIONS, migrate, schema_version
 from store.sqlite import create_private_file, open_database
 
 POLL_TIMEOUT = 20.0  # generous: the machine is shared
@@ -347,7 +349,29 @@ async def test_an_empty_file_is_migrated_to_the_current_version(empty_file: Path
     store = open_store(path, start=False)
     assert store.pragmas()["user_version"] == SCHEMA_VERSION
     tables = {name for (name,) in raw_rows(path, "SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert tables == {"endpoints", "events", "idempotency"}
+    assert tables == {"endpoints", "events", "idempotency", "webhook_events"}
+
+
+async def test_a_v1_file_migrates_to_v2_keeping_its_rows_and_then_stores_webhook_events(
+    path: Path, open_store: Callable[..., SqliteStore]
+) -> None:
+    connection = sqlite3.connect(path, isolation_level=None)
+    try:
+        assert migrate(connection, path, MIGRATIONS[:1]) == 0  # the file as release v1 left it
+        connection.execute("INSERT INTO endpoints VALUES ('e1', 'u', 'o', 60, 0, 'rest', 3, 0, '[]')")
+        assert schema_version(connection) == 1
+    finally:
+        connection.close()
+
+    store = open_store(path)
+    assert store.pragmas()["user_version"] == SCHEMA_VERSION == 2
+    await commit(store, [PutWebhookEvent(1, b'{"id":"a"}'), PutWebhookEvent(2, b'{"id":"b"}'),
+                         PutWebhookEvent(3, b'{"id":"c"}')])
+    await commit(store, [DeleteWebhookEvent(1)])
+
+    snapshot = await reopened(path, store)
+    assert [(e.id, e.version) for e in snapshot.endpoints] == [("e1", 3)]
+    assert snapshot.webhook_events == [PutWebhookEvent(2, b'{"id":"b"}'), PutWebhookEvent(3, b'{"id":"c"}')]
 
 
 def test_migrations_run_from_the_files_version_in_one_transaction(tmp_path: Path) -> None:
