@@ -27,6 +27,7 @@ from broker_plugin.connection import (
     Event,
     MqttConnection,
     MqttCounters,
+    Phase,
     PubackReceived,
     PublishReceived,
     SubscribeRequest,
@@ -172,11 +173,13 @@ class MqttLink:
     # ------------------------------------------------------------ EndpointLink
 
     def publish(self, topic: str, payload: bytes, qos: int, packet_id: int | None, dup: bool) -> bool:
-        if not self._connection.send_publish(topic, payload, qos, packet_id, dup):
+        connection = self._connection
+        if not connection.send_publish(topic, payload, qos, packet_id, dup):
             return False
         if not self._corked:
             self._flush()
-        return not self._connection.closed
+            return connection.phase is not Phase.CLOSED  # a slow reader is cut off by the flush
+        return True
 
     def close(self, reason: DisconnectReason) -> None:
         closed = self._connection.close(reason)

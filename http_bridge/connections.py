@@ -63,7 +63,10 @@ def guarded_protocol(*, request_timeout_seconds: float, max_connections: int) ->
     """uvicorn's httptools protocol with a request deadline and a connection cap (pass as `http=`)."""
 
     class GuardedHttpProtocol(HttpToolsProtocol):
-        _deadline: asyncio.TimerHandle | None = None
+        # One timer per connection, re-armed only when it fires early: moving a deadline is a
+        # float store, not a new TimerHandle per request (a keep-alive client makes thousands).
+        _timer: asyncio.TimerHandle | None = None
+        _deadline_at: float | None = None  # None: no request in progress
         _over_capacity = False
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -81,6 +84,9 @@ def guarded_protocol(*, request_timeout_seconds: float, max_connections: int) ->
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             super().connection_lost(exc)
 
         def on_headers_complete(self) -> None:
@@ -110,17 +116,23 @@ def guarded_protocol(*, request_timeout_seconds: float, max_connections: int) ->
             super().handle_websocket_upgrade()
 
         def _arm(self, seconds: float) -> None:
-            self._disarm()
-            self._deadline = self.loop.call_later(seconds, self._deadline_missed)
+            self._deadline_at = deadline = self.loop.time() + seconds
+            if self._timer is None or self._timer.when() > deadline:
+                if self._timer is not None:
+                    self._timer.cancel()
+                self._timer = self.loop.call_at(deadline, self._deadline_check)
 
         def _disarm(self) -> None:
-            if self._deadline is not None:
-                self._deadline.cancel()
-                self._deadline = None
+            self._deadline_at = None
 
-        def _deadline_missed(self) -> None:
-            self._deadline = None
-            if not self.transport.is_closing():
+        def _deadline_check(self) -> None:
+            self._timer = None
+            deadline = self._deadline_at
+            if deadline is None:
+                return  # no request in progress; the next _arm starts a timer
+            if self.loop.time() < deadline:
+                self._timer = self.loop.call_at(deadline, self._deadline_check)  # moved later meanwhile
+            elif not self.transport.is_closing():
                 self.transport.close()
 
     return GuardedHttpProtocol

@@ -33,7 +33,7 @@ from endpoint_core.journal import (
 )
 from store import DATABASE_FILE, SCHEMA_VERSION, MemoryStore, SqliteStore, StoreFileError, StoreVersionError
 from store.schema import MIGRATIONS, migrate, schema_version
-from store.sqlite import create_private_file, open_database
+from store.sqlite import create_private_file, net_changes, open_database
 
 POLL_TIMEOUT = 20.0  # generous: the machine is shared
 
@@ -528,3 +528,17 @@ async def test_the_memory_store_keeps_nothing_and_is_always_done() -> None:
     assert store.healthy
     assert store.stats == StoreStats()
     await store.close()
+
+
+def test_an_event_acknowledged_before_its_commit_is_never_written_and_deletes_go_last() -> None:
+    record = EndpointRecord("e1", "u", "o", 60, False, "rest", 0, False)
+    changes: list[Change] = [
+        PutEndpoint(record),
+        PutEvent(StoredEvent("e1", 1, b"a")),
+        DeleteEvent("e1", 7),  # an event committed earlier
+        PutEvent(StoredEvent("e1", 2, b"b")),
+        DeleteEvent("e1", 1),  # acknowledged before its put was committed
+        DeleteEndpoint("e2"),
+    ]
+    assert net_changes(changes) == [PutEndpoint(record), PutEvent(StoredEvent("e1", 2, b"b")),
+                                     DeleteEndpoint("e2"), DeleteEvent("e1", 7)]
