@@ -234,6 +234,21 @@ class MqttConnection:
         self._counters.packets_out[codec.PUBLISH] += 1
         return True
 
+    def publish_now(self, topic: str, payload: bytes, qos: int, packet_id: int | None, dup: bool) -> bytes | None:
+        """One PUBLISH's bytes, to write at once: `send_publish` then `data_to_send` without the
+        buffer round trip, for the common case of nothing else queued. None once not connected."""
+        if self.phase is not Phase.CONNECTED:
+            return None
+        if self._outgoing:
+            self.send_publish(topic, payload, qos, packet_id, dup)
+            return self.data_to_send()
+        data = codec.encode_publish(topic, payload, qos, packet_id, dup)
+        counters = self._counters
+        counters.packets_out[codec.PUBLISH] += 1
+        self.bytes_sent += len(data)
+        counters.bytes_out += len(data)
+        return data
+
     def close(self, reason: DisconnectReason, detail: str = "") -> Closed | None:
         """Close from our side (unregistered, taken over, shutdown...). None if already closed."""
         if self.phase is Phase.CLOSED:

@@ -174,12 +174,13 @@ class MqttLink:
 
     def publish(self, topic: str, payload: bytes, qos: int, packet_id: int | None, dup: bool) -> bool:
         connection = self._connection
-        if not connection.send_publish(topic, payload, qos, packet_id, dup):
+        if self._corked:  # answering a read: its bytes go out together at its end
+            return connection.send_publish(topic, payload, qos, packet_id, dup)
+        data = connection.publish_now(topic, payload, qos, packet_id, dup)
+        if data is None:
             return False
-        if not self._corked:
-            self._flush()
-            return connection.phase is not Phase.CLOSED  # a slow reader is cut off by the flush
-        return True
+        self._write(data)
+        return connection.phase is not Phase.CLOSED  # a slow reader is cut off by the write
 
     def close(self, reason: DisconnectReason) -> None:
         closed = self._connection.close(reason)
@@ -331,8 +332,10 @@ class MqttLink:
 
     def _flush(self) -> None:
         data = self._connection.data_to_send()
-        if not data:
-            return
+        if data:
+            self._write(data)
+
+    def _write(self, data: bytes) -> None:
         self._transport.write(data)
         # Every byte counts, PINGRESPs included: a client that sends but never reads is cut off.
         if self._transport.buffered() > self._host.limits.max_buffered_bytes:

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 
 import pytest
 
+from broker_plugin import codec
 from broker_plugin.connection import (
     Closed,
     ConnectionLimits,
@@ -701,3 +702,16 @@ def test_close_after_a_refusal_returns_none() -> None:
     connection.refuse(4)
     assert connection.close(DisconnectReason.DROPPED) is None
     assert drain(connection) == [Closed(DisconnectReason.CONNECT_REFUSED, "")]
+
+
+def test_publish_now_is_send_publish_then_data_to_send_without_the_round_trip() -> None:
+    queued, direct = connected(), connected()
+    queued.data_to_send(), direct.data_to_send()  # the CONNACKs
+    queued.send_publish("t/1", b"x", 1, 7, True)
+    assert direct.publish_now("t/1", b"x", 1, 7, True) == queued.data_to_send()
+    assert (direct.bytes_sent, direct.data_to_send()) == (queued.bytes_sent, b"")
+    direct.send_suback(1, [1])  # something already queued goes out first, in order
+    assert direct.publish_now("t/1", b"y", 0, None, False) == codec.encode_suback(1, [1]) \
+        + codec.encode_publish("t/1", b"y", 0, None, False)
+    direct.close(DisconnectReason.SHUTDOWN)
+    assert direct.publish_now("t/1", b"z", 0, None, False) is None
