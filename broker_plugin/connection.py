@@ -198,6 +198,8 @@ class MqttConnection:
     # ------------------------------------------------------------ output
 
     def data_to_send(self) -> bytes:
+        if not self._outgoing:
+            return b""
         data = bytes(self._outgoing)
         self._outgoing.clear()
         self.bytes_sent += len(data)
@@ -259,6 +261,13 @@ class MqttConnection:
 
     def _parse_one(self) -> Event | None:
         buffer, limits = self._buffer, self._limits
+        # The packet a QoS 1 stream is made of, read in place: PUBACK (0x40), length 2, a packet id.
+        if len(buffer) >= 4 and buffer[0] == 0x40 and buffer[1] == 2 and self.phase is Phase.CONNECTED:
+            packet_id = (buffer[2] << 8) | buffer[3]
+            if packet_id:
+                del buffer[:4]
+                self._counters.packets_in[codec.PUBACK] += 1
+                return PubackReceived(packet_id)
         awaiting_connect = self.phase is Phase.AWAITING_CONNECT
         if awaiting_connect and buffer and buffer[0] >> 4 != codec.CONNECT:
             raise ProtocolViolation("the first packet must be CONNECT")

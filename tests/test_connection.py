@@ -715,3 +715,11 @@ def test_publish_now_is_send_publish_then_data_to_send_without_the_round_trip() 
         + codec.encode_publish("t/1", b"y", 0, None, False)
     direct.close(DisconnectReason.SHUTDOWN)
     assert direct.publish_now("t/1", b"z", 0, None, False) is None
+
+
+def test_a_puback_read_in_place_is_the_same_event_and_a_malformed_one_still_closes() -> None:
+    connection = connected()
+    connection.receive_data(bytes((0x40, 2, 0x01, 0x02)) + bytes((0x40, 2, 0x00, 0x07)))
+    assert drain(connection) == [PubackReceived(0x0102), PubackReceived(7)]
+    connection.receive_data(bytes((0x40, 2, 0, 0)))  # packet id 0 is still refused
+    assert drain(connection) == [Closed(VIOLATION, "packet id 0")]
