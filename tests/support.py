@@ -29,6 +29,7 @@ import httpx
 import paho.mqtt.client as paho
 
 from endpoint_core.principals import mint_token
+from tests.packets import mqtt_bytes, packet
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "test-secret-0123456789-0123456789-abcdef"
@@ -217,22 +218,6 @@ CONNECT, CONNACK, PUBLISH, PUBACK, SUBSCRIBE, SUBACK = 1, 2, 3, 4, 8, 9
 UNSUBSCRIBE, UNSUBACK, PINGREQ, PINGRESP, DISCONNECT = 10, 11, 12, 13, 14
 
 
-def _string(value: str | bytes) -> bytes:
-    data = value.encode() if isinstance(value, str) else value
-    return struct.pack("!H", len(data)) + data
-
-
-def _remaining(length: int) -> bytes:
-    out = bytearray()
-    while True:
-        digit, length = length % 128, length // 128
-        out.append(digit | (0x80 if length else 0))
-        if not length:
-            return bytes(out)
-
-
-def packet(first: int, body: bytes) -> bytes:
-    return bytes((first,)) + _remaining(len(body)) + body
 
 
 @dataclass
@@ -275,14 +260,14 @@ class RawMqtt:
         """Send CONNECT; return (CONNACK return code, session present)."""
         flags = (0x02 if clean_session else 0) | (0x80 if username is not None else 0) \
             | (0x40 if password is not None else 0)
-        body = _string(name) + bytes((level, flags)) + struct.pack("!H", keep_alive) + _string(client_id)
+        body = mqtt_bytes(name) + bytes((level, flags)) + struct.pack("!H", keep_alive) + mqtt_bytes(client_id)
         if level == 5:
-            body = _string(name) + bytes((level, flags)) + struct.pack("!H", keep_alive) + b"\x00" \
-                + _string(client_id)
+            body = mqtt_bytes(name) + bytes((level, flags)) + struct.pack("!H", keep_alive) + b"\x00" \
+                + mqtt_bytes(client_id)
         if username is not None:
-            body += _string(username)
+            body += mqtt_bytes(username)
         if password is not None:
-            body += _string(password)
+            body += mqtt_bytes(password)
         self.send(packet(CONNECT << 4, body))
         kind, _, payload = self.read_packet()
         assert kind == CONNACK, kind
@@ -290,7 +275,7 @@ class RawMqtt:
 
     def subscribe(self, *topics: str, qos: int = 1) -> list[int]:
         packet_id = self._packet_id()
-        body = struct.pack("!H", packet_id) + b"".join(_string(t) + bytes((qos,)) for t in topics)
+        body = struct.pack("!H", packet_id) + b"".join(mqtt_bytes(t) + bytes((qos,)) for t in topics)
         self.send(packet((SUBSCRIBE << 4) | 0x02, body))
         while True:
             kind, _, payload = self.read_packet()
@@ -300,12 +285,12 @@ class RawMqtt:
 
     def unsubscribe(self, *topics: str) -> None:
         packet_id = self._packet_id()
-        self.send(packet((UNSUBSCRIBE << 4) | 0x02, struct.pack("!H", packet_id) + b"".join(map(_string, topics))))
+        self.send(packet((UNSUBSCRIBE << 4) | 0x02, struct.pack("!H", packet_id) + b"".join(map(mqtt_bytes, topics))))
         while self.read_packet()[0] != UNSUBACK:
             pass
 
     def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
-        body = _string(topic)
+        body = mqtt_bytes(topic)
         if qos:
             body += struct.pack("!H", self._packet_id())
         self.send(packet((PUBLISH << 4) | (qos << 1) | int(retain), body + payload))

@@ -22,17 +22,13 @@ from amqtt.mqtt.unsuback import UnsubackPacket
 
 from broker_plugin import codec
 from broker_plugin.codec import Connect, Frame, ProtocolViolation, Publish, Subscribe, Unsubscribe
+from tests.packets import mqtt_bytes, pid
 
 # ------------------------------------------------------------------ helpers (independent of the codec)
 
 
-def mqtt_bytes(value: bytes) -> bytes:
-    """A length-prefixed MQTT string or binary field (1.5.3)."""
-    return len(value).to_bytes(2, "big") + value
 
 
-def pid(packet_id: int) -> bytes:
-    return packet_id.to_bytes(2, "big")
 
 
 def connect_body(

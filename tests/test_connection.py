@@ -26,6 +26,7 @@ from broker_plugin.connection import (
     UnsubscribeRequest,
 )
 from endpoint_core.endpoint import DisconnectReason
+from tests.packets import mqtt_bytes, packet, pid, varint
 
 START = 1000.0  # the clock when the socket opened
 LIMITS = ConnectionLimits()
@@ -34,25 +35,12 @@ VIOLATION = DisconnectReason.PROTOCOL_VIOLATION
 # ------------------------------------------------------------------ packet builders (independent of the codec)
 
 
-def varint(length: int) -> bytes:
-    out = bytearray()
-    while True:
-        digit, length = length % 128, length // 128
-        out.append(digit | (0x80 if length else 0))
-        if not length:
-            return bytes(out)
 
 
-def packet(first_byte: int, body: bytes = b"") -> bytes:
-    return bytes((first_byte,)) + varint(len(body)) + body
 
 
-def mqtt_bytes(value: bytes) -> bytes:
-    return len(value).to_bytes(2, "big") + value
 
 
-def pid(packet_id: int) -> bytes:
-    return packet_id.to_bytes(2, "big")
 
 
 def connect_packet(

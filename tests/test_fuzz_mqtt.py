@@ -19,19 +19,17 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from websockets.sync.client import connect as websocket_connect
 
+from tests.packets import mqtt_bytes
 from tests.support import CONNECT, RawMqtt, ServiceProcess, event, packet, token
 
 EXAMPLES = 150  # per transport and per strategy: the suite's budget, not a search for the last bug
 USER = "fuzz-user"
 
 
-def _string(value: bytes) -> bytes:
-    return struct.pack("!H", len(value)) + value
-
 
 def connect_packet(client_id: str, bearer: str) -> bytes:
-    body = _string(b"MQTT") + bytes((4, 0xC2)) + struct.pack("!H", 60) + _string(client_id.encode()) \
-        + _string(USER.encode()) + _string(bearer.encode())
+    body = mqtt_bytes(b"MQTT") + bytes((4, 0xC2)) + struct.pack("!H", 60) + mqtt_bytes(client_id.encode()) \
+        + mqtt_bytes(USER.encode()) + mqtt_bytes(bearer.encode())
     return packet(CONNECT << 4, body)
 
 
