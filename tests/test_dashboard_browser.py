@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -60,7 +61,8 @@ def test_the_page_shows_endpoints_live_and_follows_one_to_sick_and_gone(
     # SICK after keepAliveSeconds, removed 5 s later: a window the page is sure to show.
     process = make_service(env={"ENDPOINT_BROKER_MIN_EXPIRY_GRACE_SECONDS": "5"})
     org = f"o-{unique}"
-    wait = WebDriverWait(browser, 20, poll_frequency=0.1)
+    # The page redraws its table every second: an element found just before a redraw goes stale.
+    wait = WebDriverWait(browser, 20, poll_frequency=0.1, ignored_exceptions=[StaleElementReferenceException])
 
     browser.get(process.base_url + "/dashboard")
     browser.find_element(By.ID, "token").send_keys(service_token("backend", org))
