@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -197,17 +198,31 @@ async def test_expired_idempotency_keys_are_not_loaded_and_get_purged(path: Path
 # ------------------------------------------------------------------ committed() and group commit
 
 async def test_many_appends_share_few_commits(path: Path, open_store: Callable[..., SqliteStore]) -> None:
-    store = open_store(path)
+    store = open_store(path, unawaited_commit_seconds=60.0)  # only the waiters' wake-up commits
     waiters = []
     for seq in range(500):
         store.append([event("e", seq)])
         waiters.append(store.committed())
+        if seq % 50 == 0:
+            # Work in the same loop iteration that lets the writer thread run (it releases the GIL):
+            # the writer must still wait for the iteration to end.
+            time.sleep(0.002)  # noqa: ASYNC251 - blocking on purpose: one long iteration
 
     await asyncio.gather(*waiters)
 
     assert store.stats.rows_committed == 500
-    assert store.stats.commits < 500
+    assert store.stats.commits == 1  # one loop iteration's waiters share one commit
     assert store.stats.pending_rows == 0
+
+
+async def test_changes_nobody_waits_for_are_committed_soon(path: Path,
+                                                           open_store: Callable[..., SqliteStore]) -> None:
+    store = open_store(path)
+    store.append([event("e", 1)])
+
+    await eventually(lambda: store.stats.pending_rows == 0)
+
+    assert raw_rows(path, "SELECT seq FROM events") == [(1,)]
 
 
 async def test_concurrent_waiters_share_one_commit(path: Path, open_store: Callable[..., SqliteStore]) -> None:
