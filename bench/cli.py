@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     chosen.add_argument("--quick", action="store_true", help="small N and short windows (still 3 runs), ~5 min")
     chosen.add_argument("--issue13", action="store_true",
                         help="issue 13's measurement: pinned cores, one endpoint per user, ours vs the lean "
-                             "stack, connects and a reconnect storm after a restart, ~10 min")
+                             "stack, connects and a reconnect storm after a restart, ~7 min")
     parser.add_argument("--scenarios", type=names(config.ALL_SCENARIOS),
                         help=f"subset of {','.join(config.ALL_SCENARIOS)} (default: the profile's: "
                              f"{','.join(config.SCENARIOS)}; with --issue13 also reconnect)")
