@@ -20,7 +20,7 @@ from typing import Any
 
 from bench import config, machine, report
 from bench.scenarios import Context, Record, SessionRunner, connect_deadline
-from bench.systems import DEFAULT_SYSTEMS, SYSTEMS, mosquitto_binary, snapshot_ours
+from bench.systems import MOSQUITTO_BASED, SYSTEMS, mosquitto_binary, snapshot_ours
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -28,6 +28,14 @@ REPO = BENCH.parent
 
 def sizes(text: str) -> tuple[int, ...]:
     return tuple(int(part.replace("_", "").replace("k", "000")) for part in text.split(",") if part)
+
+
+def cpu_pair(text: str) -> tuple[int, int]:
+    try:
+        service, generator = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("two CPU numbers: SERVICE,GENERATOR, e.g. 0,1") from None
+    return service, generator
 
 
 def names(allowed: tuple[str, ...]) -> Any:
@@ -43,11 +51,17 @@ def names(allowed: tuple[str, ...]) -> Any:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="scripts/bench", description="endpoint-broker benchmark suite "
                                      "(see bench/README.md). Every size and duration has a default.")
-    parser.add_argument("--quick", action="store_true", help="small N and short windows (still 3 runs), ~5 min")
-    parser.add_argument("--scenarios", type=names(config.SCENARIOS), default=config.SCENARIOS,
-                        help=f"subset of {','.join(config.SCENARIOS)} (default: all)")
-    parser.add_argument("--targets", type=names(SYSTEMS), default=DEFAULT_SYSTEMS,
-                        help="systems: subset of ours,ours-memory,amqtt,mosquitto (default: ours,amqtt,mosquitto)")
+    chosen = parser.add_mutually_exclusive_group()
+    chosen.add_argument("--quick", action="store_true", help="small N and short windows (still 3 runs), ~5 min")
+    chosen.add_argument("--issue13", action="store_true",
+                        help="issue 13's measurement: pinned cores, one endpoint per user, ours vs the lean "
+                             "stack, connects and a reconnect storm after a restart, ~7 min")
+    parser.add_argument("--scenarios", type=names(config.ALL_SCENARIOS),
+                        help=f"subset of {','.join(config.ALL_SCENARIOS)} (default: the profile's: "
+                             f"{','.join(config.SCENARIOS)}; with --issue13 also reconnect)")
+    parser.add_argument("--targets", type=names(SYSTEMS),
+                        help=f"systems: subset of {','.join(SYSTEMS)} (default: the profile's: "
+                             f"{','.join(config.FULL.systems)}; with --issue13 {','.join(config.ISSUE13.systems)})")
     parser.add_argument("--out", type=Path, help="JSON file (default: bench/results/<profile>-<time>.json)")
     parser.add_argument("--markdown", action="store_true", help="print the report as Markdown")
     parser.add_argument("--from-json", type=Path, metavar="FILE", help="only print the report of an earlier run")
@@ -60,20 +74,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keepalive-seconds", type=float, help="keepalive CPU measurement window, seconds")
     parser.add_argument("--mqtt-workers", type=int, help="generator processes holding subscribers (default 2)")
     parser.add_argument("--max-minutes", type=float, help="start no new session after this long")
+    parser.add_argument("--pin", type=cpu_pair, metavar="SERVICE,GENERATOR",
+                        help="pin the systems' processes to one CPU and the generator's (and the bench's) to "
+                             "another (default: 0,1 with --issue13, no pinning otherwise)")
     parser.add_argument("--ours-log-level", default="INFO", help="ENDPOINT_BROKER_LOG_LEVEL for ours (default INFO)")
     parser.add_argument("--ours-dir", type=Path,
                         help="run ours from this directory's run_broker.py, e.g. an exported older commit to "
                              "compare versions (default: a snapshot of this repo's code taken at the start)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.from_json is None:
+        profile = build_profile(args)
+        systems, scenarios = args.targets or profile.systems, args.scenarios or profile.scenarios
+        if "lean" in systems and "send" in scenarios and not profile.one_endpoint_per_user:
+            parser.error("lean's sendEvent publishes to the one endpoint named in the request: it needs "
+                         "one endpoint per user (--issue13)")
+        if profile.pin_cpus is not None:
+            try:
+                config.check_pinning(profile.pin_cpus)
+            except ValueError as exc:
+                parser.error(str(exc))
+    return args
 
 
 def build_profile(args: argparse.Namespace) -> config.Profile:
-    profile = config.QUICK if args.quick else config.FULL
+    profile = config.ISSUE13 if args.issue13 else config.QUICK if args.quick else config.FULL
     overrides = {
         "runs": args.runs, "send_sizes": args.send_sizes, "connect_sizes": args.connect_sizes,
         "idle_size": args.idle_size, "send_seconds": args.send_seconds, "send_concurrency": args.concurrency,
         "keepalive_window_s": args.keepalive_seconds, "mqtt_workers": args.mqtt_workers,
-        "max_minutes": args.max_minutes,
+        "max_minutes": args.max_minutes, "pin_cpus": args.pin,
     }
     return dataclasses.replace(profile, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -108,20 +137,25 @@ def prune_work(root: Path, keep: int) -> None:
 
 async def run_all(args: argparse.Namespace) -> Results:
     profile = build_profile(args)
+    scenarios = args.scenarios or profile.scenarios
     limits = config.machine_limits()
-    sessions = config.build_sessions(profile, args.scenarios, limits)
-    systems = list(args.targets)
+    sessions = config.build_sessions(profile, scenarios, limits)
+    systems = list(args.targets or profile.systems)
+    if profile.pin_cpus is not None:
+        # The bench itself coordinates the generator: on the generator's CPU, off the service's.
+        os.sched_setaffinity(0, {profile.pin_cpus[1]})
     meta: dict[str, Any] = {
         "started": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "command": "scripts/bench " + shlex.join(sys.argv[1:]),
         "machine": machine.describe(args.ours_dir.resolve() if args.ours_dir else REPO),
         "profile": dataclasses.asdict(profile),
         "limits": limits.as_dict(),
-        "scenarios": list(args.scenarios), "sessions": [s.label for s in sessions], "skipped": [],
+        "scenarios": list(scenarios), "sessions": [s.label for s in sessions], "skipped": [],
     }
-    if "mosquitto" in systems and mosquitto_binary() is None:
-        systems.remove("mosquitto")
-        meta["skipped"].append("mosquitto: not installed (scripts/bench installs it with apt-get)")
+    for name in MOSQUITTO_BASED:
+        if name in systems and mosquitto_binary() is None:
+            systems.remove(name)
+            meta["skipped"].append(f"{name}: mosquitto is not installed (scripts/bench installs it with apt-get)")
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     results = Results(args.out or BENCH / "results" / f"{profile.name}-{stamp}.json", meta, systems)
     workdir = BENCH / ".work" / stamp

@@ -1,15 +1,20 @@
-"""Profiles (full and --quick), the sessions they expand to, and the machine limits that cap them."""
+"""Profiles (full, --quick, --issue13), the sessions they expand to, and the machine limits that cap them."""
 
 from __future__ import annotations
 
 import math
+import os
 import resource
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import psutil
 
+from bench.systems import DEFAULT_SYSTEMS
+
 SCENARIOS = ("send", "connect", "memory", "keepalive")
+# `reconnect` (the storm after a restart) runs by default in the issue13 profile only.
+ALL_SCENARIOS = (*SCENARIOS, "reconnect")
 # Keep-alive of connect-only sessions, whose endpoints never ping: long enough
 # that no service expires a silent subscriber during a session.
 SILENT_KEEP_ALIVE_S = 300
@@ -42,6 +47,15 @@ class Profile:
     mqtt_workers: int  # generator processes holding the subscribers
     connect_concurrency: int  # CONNECT handshakes in flight, all workers together
     max_minutes: float  # no new session starts after this; the run then reports what it has
+    scenarios: tuple[str, ...] = SCENARIOS  # run when --scenarios is not given
+    systems: tuple[str, ...] = DEFAULT_SYSTEMS  # run when --targets is not given
+    # Every user owns one endpoint (so every endpoint has its own token), and each sendEvent
+    # names its endpoint (userEndpointId). Off: user u owns 1 + u % 3 endpoints, fanned out to.
+    one_endpoint_per_user: bool = False
+    # (service CPU, generator CPU): every system process on the first, every generator process
+    # and the bench itself on the second. None: the scheduler places them.
+    pin_cpus: tuple[int, int] | None = None
+    target_set: str = "round1"  # which issue's targets the report checks: round1 or issue13
 
 
 FULL = Profile(
@@ -55,6 +69,15 @@ QUICK = replace(
     send_seconds=2.0, send_concurrency=32, keepalive_warmup_s=2.0, keepalive_window_s=6.0, settle_s=1.0,
     max_minutes=15.0,
 )
+# Issue 13's measurement: one core for the service stack, one for the generator, both pinned;
+# 1,000 subscribers with one endpoint per user, 32 closed-loop workers, against the lean stack;
+# connects at 1k and 10k, and 10k reconnecting after a restart of the system.
+ISSUE13 = replace(
+    FULL, name="issue13", send_sizes=(1_000,), connect_sizes=(1_000, 10_000), idle_size=10_000,
+    send_concurrency=32, max_minutes=30.0, scenarios=ALL_SCENARIOS, systems=("ours", "lean"),
+    one_endpoint_per_user=True, pin_cpus=(0, 1), target_set="issue13",
+)
+PROFILES = {"full": FULL, "quick": QUICK, "issue13": ISSUE13}
 
 
 @dataclass
@@ -69,12 +92,14 @@ class Session:
     memory: bool = False
     keepalive: bool = False
     send: bool = False
+    reconnect: bool = False  # last: restart the system, reconnect every endpoint at once
     notes: list[str] = field(default_factory=list)
 
     @property
     def label(self) -> str:
         steps = [s for s, on in (("connect", self.record_connect), ("memory", self.memory),
-                                 ("keepalive", self.keepalive), ("send", self.send)) if on]
+                                 ("keepalive", self.keepalive), ("send", self.send),
+                                 ("reconnect", self.reconnect)) if on]
         return f"n={self.size} [{', '.join(steps)}]"
 
 
@@ -109,6 +134,14 @@ def machine_limits() -> Limits:
     return Limits(memory_cap, "half the available memory at ~160 KB per connection", soft, hard)
 
 
+def check_pinning(cpus: tuple[int, int]) -> None:
+    """Both CPUs must be distinct and usable by this process; else the measurement cannot be what it says."""
+    usable = os.sched_getaffinity(0)
+    if cpus[0] == cpus[1] or not set(cpus) <= usable:
+        raise ValueError(f"pinning needs two distinct CPUs this process may use ({sorted(usable)}), "
+                         f"got {cpus[0]} for the service and {cpus[1]} for the generator")
+
+
 def source_ips(n: int) -> list[str | None]:
     """Source addresses for n connections: None (the default, 127.0.0.1) up to 10k, then 127.0.0.2, .3, ..."""
     extra = max(0, math.ceil(n / CONNECTIONS_PER_SOURCE_IP) - 1)
@@ -126,9 +159,10 @@ def build_sessions(profile: Profile, scenarios: tuple[str, ...], limits: Limits)
             sessions.append(found)
         return found
 
-    if "memory" in scenarios or "keepalive" in scenarios:
+    if "memory" in scenarios or "keepalive" in scenarios or "reconnect" in scenarios:
         idle = pinging(profile.idle_size)
         idle.memory, idle.keepalive = "memory" in scenarios, "keepalive" in scenarios
+        idle.reconnect = "reconnect" in scenarios
     if "send" in scenarios:
         for n in profile.send_sizes:
             pinging(n).send = True

@@ -49,16 +49,22 @@ class CpuReport:
     generator_max_pct: float  # the busiest single generator process
     machine_pct: float
     other_pct: float
+    # The service's processes share one pinned core, and the generator's another.
+    pinned: bool = False
 
     @property
     def limit(self) -> str:
         """What most likely capped this window: service, generator, machine (both), or none."""
         if self.seconds < MIN_WINDOW_S:
             return "unknown"
-        if max(self.service_by_process.values(), default=0.0) >= SATURATED_PCT:
+        busiest_service = max(self.service_by_process.values(), default=0.0)
+        if (self.service_pct if self.pinned else busiest_service) >= SATURATED_PCT:
             return "service"
-        if self.generator_max_pct >= SATURATED_PCT:
+        if (self.generator_pct if self.pinned else self.generator_max_pct) >= SATURATED_PCT:
             return "generator"
+        if self.pinned:
+            # Each side has its own core: a busy machine means someone else's load (see other_pct).
+            return "none"
         if self.machine_pct >= MACHINE_SATURATED * (os.cpu_count() or 1) * 100:
             # All cores busy: whoever burnt more of them is the one that held the other back.
             return "generator" if self.generator_pct > self.service_pct else "machine"
@@ -86,8 +92,9 @@ class CpuReport:
 class CpuWindow:
     """Snapshot at start(); stop() returns the shares used since."""
 
-    def __init__(self, service: dict[str, psutil.Process], generator: list[psutil.Process]) -> None:
-        self.service, self.generator = service, generator
+    def __init__(self, service: dict[str, psutil.Process], generator: list[psutil.Process],
+                 pinned: bool = False) -> None:
+        self.service, self.generator, self.pinned = service, generator, pinned
         self.me = psutil.Process()
 
     def start(self) -> CpuWindow:
@@ -119,4 +126,5 @@ class CpuWindow:
             generator_max_pct=max([*generator, me]),
             machine_pct=machine,
             other_pct=max(0.0, pct(in_processes - self.machine0[1]) - sum(service.values()) - generator_total),
+            pinned=self.pinned,
         )

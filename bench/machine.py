@@ -14,7 +14,8 @@ import psutil
 
 from bench.systems import mosquitto_binary
 
-PACKAGES = ("amqtt", "starlette", "uvicorn", "uvloop", "httptools", "aiomqtt", "paho-mqtt", "PyJWT", "psutil")
+PACKAGES = ("amqtt", "starlette", "uvicorn", "uvloop", "httptools", "orjson", "aiomqtt", "paho-mqtt", "PyJWT",
+            "psutil")
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -1,8 +1,10 @@
 """Who the benchmark's endpoints are: users, endpoint ids and topics, the same in every process.
 
-The parent and every generator worker compute the plan from `n` alone, so no
-list of 10k ids ever crosses a pipe. User `u` owns `1 + u % 3` endpoints, so
-each sendEvent targets one user with 1 to 3 endpoints (2 on average).
+The parent and every generator worker compute the plan from `n` (and the
+layout flag) alone, so no list of 10k ids ever crosses a pipe. User `u` owns
+`1 + u % 3` endpoints, so each sendEvent targets one user with 1 to 3 endpoints
+(2 on average); with `one_per_user` (the issue-13 profile) every user owns one
+endpoint, so every endpoint has its own token.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ SENDER = "bench-sender"
 
 
 class TopicStyle(StrEnum):
-    # endpoint-broker: each endpoint subscribes to its own topic; the service fans out per endpoint.
+    # endpoint-broker and the lean stack: each endpoint subscribes to its own topic.
     ENDPOINT = "endpoint"
     # The DIY stacks: every endpoint of user U subscribes to `user/U`; one publish, the broker fans out.
     USER = "user"
@@ -35,18 +37,18 @@ class User:
     endpoints: int
 
 
-def endpoints_per_user(user_number: int) -> int:
-    return 1 + user_number % 3
+def endpoints_per_user(user_number: int, one_per_user: bool = False) -> int:
+    return 1 if one_per_user else 1 + user_number % 3
 
 
-def plan(n: int) -> tuple[list[User], list[Endpoint]]:
+def plan(n: int, one_per_user: bool = False) -> tuple[list[User], list[Endpoint]]:
     """The first `n` endpoints and their users (the last user may be cut short)."""
     users: list[User] = []
     endpoints: list[Endpoint] = []
     user_number = 0
     while len(endpoints) < n:
         user_id = f"user-{user_number:06d}"
-        count = min(endpoints_per_user(user_number), n - len(endpoints))
+        count = min(endpoints_per_user(user_number, one_per_user), n - len(endpoints))
         for _ in range(count):
             index = len(endpoints)
             endpoints.append(Endpoint(index, user_id, f"ep-{index:06d}"))

@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import ctypes
 import json
+import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,20 @@ def die_with_parent() -> None:
     """preexec_fn: the child gets SIGTERM if the bench dies, so no broker outlives a crashed run."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def child_setup(cpus: frozenset[int] | None) -> Callable[[], None]:
+    """preexec_fn: die with the bench and, if `cpus` is given, run only on those CPUs.
+
+    Pinned in the child before exec, so every thread the program starts later (a store's
+    writer thread, an executor) inherits it; setting it on the pid afterwards pins only
+    the main thread.
+    """
+    def setup() -> None:
+        die_with_parent()
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
+    return setup
 
 
 def free_port() -> int:
@@ -44,8 +60,8 @@ class Managed:
     """A system-under-test process whose stdout and stderr go to `log`."""
 
     def __init__(self, name: str, argv: list[str], log: Path, env: dict[str, str] | None = None,
-                 cwd: Path = REPO) -> None:
-        self.name, self.argv, self.log, self.env, self.cwd = name, argv, log, env, cwd
+                 cwd: Path = REPO, cpus: frozenset[int] | None = None) -> None:
+        self.name, self.argv, self.log, self.env, self.cwd, self.cpus = name, argv, log, env, cwd, cpus
         self.process: asyncio.subprocess.Process | None = None
         self.ps: psutil.Process | None = None
 
@@ -58,7 +74,7 @@ class Managed:
         with self.log.open("ab") as log:
             self.process = await asyncio.create_subprocess_exec(
                 *self.argv, cwd=self.cwd, env=self.env, stdin=asyncio.subprocess.DEVNULL,
-                stdout=log, stderr=log, preexec_fn=die_with_parent,
+                stdout=log, stderr=log, preexec_fn=child_setup(self.cpus),
             )
         self.ps = psutil.Process(self.process.pid)
 
@@ -125,8 +141,8 @@ class WorkerError(RuntimeError):
 class Worker:
     """A load-generator process (bench.worker) and its JSON-lines pipe."""
 
-    def __init__(self, name: str, log: Path) -> None:
-        self.name, self.log = name, log
+    def __init__(self, name: str, log: Path, cpus: frozenset[int] | None = None) -> None:
+        self.name, self.log, self.cpus = name, log, cpus
         self.process: asyncio.subprocess.Process | None = None
         self.ps: psutil.Process | None = None
 
@@ -134,7 +150,7 @@ class Worker:
         with self.log.open("ab") as log:
             self.process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "bench.worker", cwd=REPO, stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE, stderr=log, preexec_fn=die_with_parent, limit=1 << 26,
+                stdout=asyncio.subprocess.PIPE, stderr=log, preexec_fn=child_setup(self.cpus), limit=1 << 26,
             )
         self.ps = psutil.Process(self.process.pid)
 

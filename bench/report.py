@@ -10,8 +10,8 @@ from typing import Any
 
 from bench.cpu import MIN_WINDOW_S, OTHER_LOAD_PCT
 
-BASELINES = ("amqtt", "mosquitto")
-SCENARIO_ORDER = ("send", "connect", "memory", "keepalive")
+BASELINES = ("amqtt", "mosquitto", "lean")
+SCENARIO_ORDER = ("send", "connect", "memory", "keepalive", "reconnect")
 
 
 @dataclass(frozen=True)
@@ -19,16 +19,20 @@ class Field:
     name: str
     label: str
     better: str  # "higher" or "lower"
+    optional: bool = False  # not in older results files: no row when no record has it
 
 
 FIELDS: dict[str, tuple[Field, ...]] = {
     "send": (Field("delivered_per_s", "delivered events/s", "higher"),
              Field("p50_ms", "end-to-end p50 ms", "lower"),
-             Field("p99_ms", "end-to-end p99 ms", "lower")),
+             Field("p99_ms", "end-to-end p99 ms", "lower"),
+             Field("cpu_ms_per_1k_calls", "service CPU ms per 1,000 calls", "lower", optional=True)),
     "connect": (Field("rate", "CONNECT to SUBACK /s", "higher"),
                 Field("late_rate", "/s while the table is 80-90% full", "higher")),
     "memory": (Field("kb_per_endpoint", "RSS KB per idle endpoint", "lower"),),
     "keepalive": (Field("cpu_pct", "broker CPU % of one core", "lower"),),
+    "reconnect": (Field("rate", "CONNECT to SUBACK /s", "higher"),
+                  Field("late_rate", "/s while the table is 80-90% full", "higher")),
 }
 
 
@@ -75,6 +79,7 @@ def title(record: dict[str, Any]) -> str:
         "connect": f"connect {size}",
         "memory": f"idle memory {size}",
         "keepalive": f"keepalive {size}",
+        "reconnect": f"reconnect storm after a restart {size}",
     }[record["scenario"]]
 
 
@@ -109,6 +114,9 @@ def metric_rows(records: list[dict[str, Any]], systems: list[str]) -> tuple[list
     for by_system in group(records).values():
         sample = next(iter(by_system.values()))[0]
         for field in FIELDS[sample["scenario"]]:
+            if field.optional and not any(field.name in r.get("values", {})
+                                          for runs in by_system.values() for r in runs):
+                continue
             row = [f"{title(sample)}: {field.label}"]
             for system in systems:
                 runs = by_system.get(system, [])
@@ -184,8 +192,12 @@ def _verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("PASS" if ok else "FAIL")
 
 
+def _spread(records: list[dict[str, Any]], field: str) -> Spread:
+    return Spread([v for r in records if (v := value(r, field)) is not None], len(records))
+
+
 def targets(records: list[dict[str, Any]], idle_size: int) -> list[list[str]]:
-    """The issue's targets, checked on medians (ratios: median of the per-run ratios)."""
+    """The first round's targets, checked on medians (ratios: median of the per-run ratios)."""
     out: list[list[str]] = []
     groups = group(records)
     for (scenario_index, n, qos), by_system in groups.items():
@@ -228,6 +240,49 @@ def flatness(records: list[dict[str, Any]], idle_size: int) -> list[list[str]]:
              f"{fmt(share * 100)}%" if share is not None else "-", _verdict(None if share is None else share >= 0.8)]]
 
 
+def issue13_targets(records: list[dict[str, Any]], idle_size: int) -> list[list[str]]:
+    """Issue 13's targets: against the lean stack for sendEvent, against Mosquitto (on its own, or as
+    the lean stack's broker, which is the same program and config) for connects; medians of the
+    per-run ratios, with [min-max] over the runs."""
+    out: list[list[str]] = []
+    for (scenario_index, n, qos), by_system in group(records).items():
+        scenario = SCENARIO_ORDER[scenario_index]
+        ours = by_system.get("ours", [])
+        if scenario == "send":
+            lean = by_system.get("lean", [])
+            need = 2.3 if qos == 0 else 1.8
+            ratio = ratio_spread(ours, lean, "delivered_per_s")
+            p99_ours, p99_lean = _spread(ours, "p99_ms"), _spread(lean, "p99_ms")
+            times, mine, theirs = ratio.median, p99_ours.median, p99_lean.median
+            ok = None if times is None or mine is None or theirs is None else times >= need and mine < theirs
+            durable = " (durable)" if qos == 1 else ""
+            out.append([f"sendEvent N={n:,} QoS {qos}{durable}: >= {need:g}x lean events/s, lower p99",
+                        f"{ratio.text()}x; p99 {p99_ours.text()} vs {p99_lean.text()} ms", _verdict(ok)])
+            if qos == 0:
+                cpu = _spread(ours, "cpu_ms_per_1k_calls")
+                out.append([f"sendEvent N={n:,} QoS 0: <= 100 ms of service CPU per 1,000 calls",
+                            f"{cpu.text()} ms", _verdict(None if cpu.median is None else cpu.median <= 100)])
+        elif scenario in ("connect", "reconnect"):
+            base = "mosquitto" if by_system.get("mosquitto") else "lean"
+            ratio = ratio_spread(ours, by_system.get(base, []), "rate")
+            what = "connect" if scenario == "connect" else "reconnect storm after a restart"
+            out.append([f"{what} N={n:,}: >= 0.5x Mosquitto's CONNECT to SUBACK rate ({base})",
+                        f"{ratio.text()}x; {_spread(ours, 'rate').text()} vs "
+                        f"{_spread(by_system.get(base, []), 'rate').text()} /s",
+                        _verdict(None if ratio.median is None else ratio.median >= 0.5)])
+        elif scenario == "memory" and n == idle_size:
+            kb = _spread(ours, "kb_per_endpoint")
+            out.append([f"memory N={n:,}: <= 4 KB per idle endpoint", f"{kb.text()} KB",
+                        _verdict(None if kb.median is None else kb.median <= 4)])
+        elif scenario == "keepalive" and n == idle_size:
+            out.append([f"keepalive N={n:,}, PINGREQ every 10 s: no regression (compare with RESULTS.md)",
+                        f"{_spread(ours, 'cpu_pct').text()}% of one core", "reported"])
+    return out
+
+
+TARGET_SETS = {"round1": targets, "issue13": issue13_targets}
+
+
 # ------------------------------------------------------------------ rendering
 
 
@@ -252,8 +307,20 @@ def machine_lines(meta: dict[str, Any]) -> list[str]:
         f"{m['ram_gb']} GB RAM; {m['os']}, kernel {m['kernel']}; Python {m['python']}",
         f"Packages: {packages}; mosquitto {m['mosquitto'] or 'not installed'}",
         f"Code: endpoint-broker {m['code']}; load average at start {m['load_average_at_start']}",
-        f"Profile: {meta['profile']['name']}, {meta['profile']['runs']} runs; limits: {meta['limits']}",
+        f"Profile: {meta['profile']['name']}, {meta['profile']['runs']} runs{layout(meta['profile'])}; "
+        f"limits: {meta['limits']}",
     ]
+
+
+def layout(profile: dict[str, Any]) -> str:
+    """What the issue13 profile changes about how the figures were taken (nothing for older files)."""
+    parts = []
+    if profile.get("one_endpoint_per_user"):
+        parts.append("one endpoint per user, sendEvent names it")
+    if profile.get("pin_cpus"):
+        service, generator = profile["pin_cpus"]
+        parts.append(f"service pinned to CPU {service}, generator and bench to CPU {generator}")
+    return "".join(f"; {part}" for part in parts)
 
 
 def report(result: dict[str, Any], markdown: bool = False) -> str:
@@ -266,7 +333,8 @@ def report(result: dict[str, Any], markdown: bool = False) -> str:
     parts.append(f"{heading}CPU during each measurement, % of one core (median over runs; gen max = busiest "
                  "generator process, max over runs)")
     parts.append(render(*cpu_rows(records, systems), markdown))
-    target_rows = targets(records, idle_size) if "ours" in systems else []
+    check = TARGET_SETS[meta["profile"].get("target_set", "round1")]
+    target_rows = check(records, idle_size) if "ours" in systems else []
     if target_rows:
         parts.append(f"{heading}Targets (ours)")
         parts.append(render(["target", "measured", "verdict"], target_rows, markdown))

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from bench import config, procs
-from bench.cpu import CpuWindow
-from bench.systems import System, make_system
+from bench.cpu import CpuReport, CpuWindow
+from bench.systems import RESTART_STOP_GRACE_S, START_TIMEOUT_S, System, make_system
 from bench.worker import percentile
 
 HANDSHAKE_TIMEOUT_S = 10.0
@@ -35,7 +35,7 @@ _phase_ids = itertools.count(1)
 class Record:
     system: str
     run: int
-    scenario: str  # send | connect | memory | keepalive
+    scenario: str  # send | connect | memory | keepalive | reconnect
     n: int
     qos: int | None = None
     values: dict[str, float | None] = field(default_factory=dict)
@@ -71,6 +71,9 @@ def session_timeout(profile: config.Profile, session: config.Session) -> float:
         budget += profile.keepalive_warmup_s + profile.keepalive_window_s + 2 * CALL_MARGIN_S
     if session.send:
         budget += 2 * (profile.send_seconds + REQUEST_TIMEOUT_S + COLLECT_MAX_WAIT_S + 2 * CALL_MARGIN_S)
+    if session.reconnect:
+        budget += (RESTART_STOP_GRACE_S + START_TIMEOUT_S + connect_deadline(session.size) + HANDSHAKE_TIMEOUT_S
+                   + 3 * CALL_MARGIN_S)
     return budget
 
 
@@ -79,11 +82,14 @@ class SessionRunner:
         self.ctx, self.session, self.run_index = ctx, session, run
         self.profile = ctx.profile
         tag = f"run{run}-{system_name}-n{session.size}{'-idle' if session.memory or session.keepalive else ''}"
+        pin = self.profile.pin_cpus
+        service_cpus, generator_cpus = (frozenset({pin[0]}), frozenset({pin[1]})) if pin else (None, None)
         self.system: System = make_system(system_name, ctx.workdir, tag, ctx.secret, session.send, ctx.log_level,
-                                          ctx.ours_dir)
-        self.mqtt_workers = [procs.Worker(f"mqtt-worker-{i}", ctx.workdir / f"{tag}-worker{i}.log")
+                                          ctx.ours_dir, service_cpus)
+        self.mqtt_workers = [procs.Worker(f"mqtt-worker-{i}", ctx.workdir / f"{tag}-worker{i}.log", generator_cpus)
                              for i in range(self.profile.mqtt_workers)]
-        self.http_worker = procs.Worker("http-worker", ctx.workdir / f"{tag}-http.log") if session.send else None
+        self.http_worker = (procs.Worker("http-worker", ctx.workdir / f"{tag}-http.log", generator_cpus)
+                            if session.send else None)
         self.pending = self._planned_records()
         self.connected = 0
         self.connect_incomplete = False  # not every endpoint connected (deadline or failures)
@@ -102,6 +108,8 @@ class SessionRunner:
             planned.append(Record(name, self.run_index, "keepalive", s.size))
         if s.send:
             planned += [Record(name, self.run_index, "send", s.size, qos) for qos in (0, 1)]
+        if s.reconnect:
+            planned.append(Record(name, self.run_index, "reconnect", s.size))
         for record in planned:
             record.notes += s.notes
             record.extra["requested_n"] = s.requested
@@ -124,7 +132,7 @@ class SessionRunner:
         processes = [self.system.broker] if broker_only else self.system.processes
         service = {p.name: p.ps for p in processes if p is not None and p.ps is not None}
         generator = [w.ps for w in self.workers if w.ps is not None]
-        return CpuWindow(service, generator)
+        return CpuWindow(service, generator, pinned=self.profile.pin_cpus is not None)
 
     def check_alive(self) -> None:
         for process in self.system.processes:
@@ -169,13 +177,7 @@ class SessionRunner:
         await asyncio.sleep(1.0)  # let the fresh processes go idle before the "before" RSS
         assert self.system.broker is not None and self.system.broker.ps is not None
         rss_before = self.system.broker.ps.memory_info().rss
-        if self.session.ping:
-            # Every endpoint pings every ping_period_s from the moment it is connected, like a live
-            # client, so that no broker expires it whatever the session's length; the connect,
-            # keepalive and sendEvent measurements all run with this background.
-            max_s = session_timeout(self.profile, self.session)
-            await asyncio.gather(*(w.call({"cmd": "ping_start", "period_s": self.profile.ping_period_s,
-                                           "max_s": max_s}, 10.0) for w in self.mqtt_workers))
+        await self._start_pings()
         await self._connect()
         if self.session.memory or self.session.keepalive:
             await self._settle_and_measure_memory(rss_before)
@@ -184,18 +186,24 @@ class SessionRunner:
         if self.session.send:
             for qos in (0, 1):
                 await self._send(qos)
+        if self.session.reconnect:
+            await self._reconnect()
+
+    async def _start_pings(self) -> None:
+        if self.session.ping:
+            # Every endpoint pings every ping_period_s from the moment it is connected, like a live
+            # client, so that no broker expires it whatever the session's length; the connect,
+            # keepalive and sendEvent measurements all run with this background.
+            max_s = session_timeout(self.profile, self.session)
+            await asyncio.gather(*(w.call({"cmd": "ping_start", "period_s": self.profile.ping_period_s,
+                                           "max_s": max_s}, 10.0) for w in self.mqtt_workers))
 
     # ------------------------------------------------------------- connect
 
-    async def _connect(self) -> None:
-        s, p = self.session, self.profile
-        await asyncio.gather(*(w.call({
-            "cmd": "prepare", "host": "127.0.0.1", "port": self.system.mqtt_port, "n": s.size,
-            "workers": len(self.mqtt_workers), "worker_index": i, "style": self.system.style.value,
-            "secret": self.ctx.secret, "keep_alive": s.keep_alive, "source_ips": config.source_ips(s.size),
-        }, 60.0) for i, w in enumerate(self.mqtt_workers)))
-        deadline = connect_deadline(s.size)
-        per_worker = max(1, p.connect_concurrency // len(self.mqtt_workers))
+    async def _connect_all(self) -> tuple[Record, CpuReport]:
+        """Connect and subscribe every prepared endpoint, `connect_concurrency` handshakes in flight."""
+        deadline = connect_deadline(self.session.size)
+        per_worker = max(1, self.profile.connect_concurrency // len(self.mqtt_workers))
         window = self.cpu_window().start()
         replies = await asyncio.gather(*(w.call({
             "cmd": "connect", "concurrency": per_worker, "deadline_s": deadline,
@@ -203,7 +211,17 @@ class SessionRunner:
         }, deadline + HANDSHAKE_TIMEOUT_S + CALL_MARGIN_S) for w in self.mqtt_workers))
         cpu = window.stop()
         self.check_alive()
-        record = connect_record(replies)
+        return connect_record(replies), cpu
+
+    async def _connect(self) -> None:
+        s = self.session
+        await asyncio.gather(*(w.call({
+            "cmd": "prepare", "host": "127.0.0.1", "port": self.system.mqtt_port, "n": s.size,
+            "workers": len(self.mqtt_workers), "worker_index": i, "style": self.system.style.value,
+            "secret": self.ctx.secret, "keep_alive": s.keep_alive, "source_ips": config.source_ips(s.size),
+            "one_per_user": self.profile.one_endpoint_per_user,
+        }, 60.0) for i, w in enumerate(self.mqtt_workers)))
+        record, cpu = await self._connect_all()
         self.connected = int(record.values.get("connected") or 0)
         self.connect_incomplete = self.connected < s.size
         # For projecting larger sizes: the rate with the table nearly full, where there is one.
@@ -281,7 +299,7 @@ class SessionRunner:
             "cmd": "load", "host": "127.0.0.1", "port": self.system.http_port, "n": self.session.size,
             "secret": self.ctx.secret, "duration_s": p.send_seconds, "concurrency": p.send_concurrency,
             "qos": qos, "phase": phase, "max_requests": int(p.send_seconds * 100_000),
-            "request_timeout_s": REQUEST_TIMEOUT_S,
+            "request_timeout_s": REQUEST_TIMEOUT_S, "one_per_user": p.one_endpoint_per_user,
         }, p.send_seconds + REQUEST_TIMEOUT_S + CALL_MARGIN_S)
         cpu = window.stop()
         collected = await asyncio.gather(*(w.call({
@@ -289,8 +307,32 @@ class SessionRunner:
         }, COLLECT_MAX_WAIT_S + CALL_MARGIN_S) for w in self.mqtt_workers))
         self.check_alive()
         fill_send_record(record, load, collected)
+        if load["ok_requests"]:
+            # The service's CPU (every process of the system) per 1,000 answered calls, in ms.
+            record.values["cpu_ms_per_1k_calls"] = (cpu.service_pct / 100 * cpu.seconds * 1e6
+                                                    / load["ok_requests"])
         record.cpu = cpu.as_dict()
         record.notes += cpu.notes()
+        self._emit(record)
+
+    # ------------------------------------------------------------ reconnect
+
+    async def _reconnect(self) -> None:
+        """The storm: restart the system (ours on the same data dir, so its store restores every
+        endpoint), then reconnect every endpoint at once, each with its own token as before."""
+        record = self._take("reconnect")
+        await asyncio.gather(*(w.call({"cmd": "ping_stop"}, 10.0) for w in self.mqtt_workers))
+        began = asyncio.get_running_loop().time()
+        await self.system.stop(RESTART_STOP_GRACE_S)
+        # Drop the closed clients before 10k new connections need ephemeral ports.
+        await asyncio.gather(*(w.call({"cmd": "reset"}, 30.0) for w in self.mqtt_workers))
+        await self.system.start_again()
+        restart_s = asyncio.get_running_loop().time() - began
+        await self._start_pings()
+        measured, cpu = await self._connect_all()
+        record.values, record.partial, record.cpu = measured.values, measured.partial, cpu.as_dict()
+        record.extra.update(measured.extra, restart_s=round(restart_s, 2), endpoints_before=self.connected)
+        record.notes += measured.notes + cpu.notes()
         self._emit(record)
 
 

@@ -3,6 +3,8 @@
 - ours: run_broker.py (broker and HTTP bridge in one process).
 - amqtt: bare amqtt 0.12.1 (bench.amqtt_broker) + the DIY publisher for sendEvent.
 - mosquitto: Debian's mosquitto with a generated config + the DIY publisher.
+- lean: the same mosquitto + the lean publisher (no token check, one publish per
+  endpoint topic; issue 13's baseline, for the --issue13 profile's one endpoint per user).
 """
 
 from __future__ import annotations
@@ -18,9 +20,14 @@ from bench import procs
 from bench.plan import TopicStyle
 
 START_TIMEOUT_S = 30.0
-SYSTEMS = ("ours", "ours-memory", "amqtt", "mosquitto")
-# ours-memory (ours with --store memory) is measured only when named in --targets.
+# A restart (the reconnect storm) gives the service this long to stop before it is killed.
+RESTART_STOP_GRACE_S = 15.0
+SYSTEMS = ("ours", "ours-memory", "amqtt", "mosquitto", "lean")
+# ours-memory (ours with --store memory) is measured only when named in --targets; lean
+# only where every user owns one endpoint (its sendEvent targets userEndpointId).
 DEFAULT_SYSTEMS = ("ours", "amqtt", "mosquitto")
+# Systems whose broker is Debian's mosquitto.
+MOSQUITTO_BASED = ("mosquitto", "lean")
 
 
 def mosquitto_binary() -> str | None:
@@ -33,11 +40,13 @@ class System:
 
     name = ""
     style = TopicStyle.USER
+    publisher_module = "bench.diy_publisher"  # the HTTP app beside a plain broker
 
     def __init__(self, workdir: Path, tag: str, secret: str, with_http: bool, log_level: str,
-                 ours_dir: Path = procs.REPO) -> None:
+                 ours_dir: Path = procs.REPO, cpus: frozenset[int] | None = None) -> None:
         self.workdir, self.tag, self.secret = workdir, tag, secret
         self.with_http, self.log_level, self.ours_dir = with_http, log_level, ours_dir
+        self.cpus = cpus  # every process of the system runs on these CPUs (None: anywhere)
         self.mqtt_port = procs.free_port()
         self.http_port = procs.free_port()
         self.broker: procs.Managed | None = None
@@ -55,20 +64,26 @@ class System:
         if self.with_http and self.publisher is None and not isinstance(self, Ours):
             env = {**os.environ, "BENCH_JWT_SECRET": self.secret}
             self.publisher = procs.Managed(
-                "diy-publisher",
-                [sys.executable, "-m", "bench.diy_publisher", "--broker-port", str(self.mqtt_port),
+                self.publisher_module.removeprefix("bench.").replace("_", "-"),
+                [sys.executable, "-m", self.publisher_module, "--broker-port", str(self.mqtt_port),
                  "--http-port", str(self.http_port)],
-                self.log("publisher"), env)
+                self.log("publisher"), env, cpus=self.cpus)
             await self.publisher.start()
             await procs.wait_for_http(self.publisher, self.http_port, "/healthz", START_TIMEOUT_S)
 
     async def start_broker(self) -> None:
         raise NotImplementedError
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 5.0) -> None:
         # The publisher first: it is a client of the broker.
         for process in reversed(self.processes):
-            await process.stop()
+            await process.stop(grace)
+
+    async def start_again(self) -> None:
+        """After stop(): start every process again on the same ports (ours: on the same data dir).
+        The new processes append to the same logs."""
+        self.broker = self.publisher = None
+        await self.start()
 
 
 class Ours(System):
@@ -77,17 +92,20 @@ class Ours(System):
     name = "ours"
     style = TopicStyle.ENDPOINT
     store = "sqlite"
+    data_dir: str | None = None
 
     async def start_broker(self) -> None:
+        if self.data_dir is None:
+            # A fresh data dir per session: a store left by the last session would restore its endpoints.
+            # A restart within the session keeps it: that is what the reconnect storm measures.
+            self.data_dir = tempfile.mkdtemp(prefix=f"{self.tag}-data-", dir=self.workdir)
         env = {**os.environ, "ENDPOINT_BROKER_JWT_SECRET": self.secret, "ENDPOINT_BROKER_LOG_LEVEL": self.log_level,
-               # A fresh data dir per session: a store left by the last session would restore its endpoints.
-               "ENDPOINT_BROKER_STORE": self.store,
-               "ENDPOINT_BROKER_DATA_DIR": tempfile.mkdtemp(prefix=f"{self.tag}-data-", dir=self.workdir)}
+               "ENDPOINT_BROKER_STORE": self.store, "ENDPOINT_BROKER_DATA_DIR": self.data_dir}
         self.broker = procs.Managed(
             "endpoint-broker",
             [sys.executable, "run_broker.py", "--host", "127.0.0.1", "--mqtt-port", str(self.mqtt_port),
              "--http-port", str(self.http_port)],
-            self.log("broker"), env, cwd=self.ours_dir)
+            self.log("broker"), env, cwd=self.ours_dir, cpus=self.cpus)
         await self.broker.start()
         await procs.wait_for_http(self.broker, self.http_port, "/healthz", START_TIMEOUT_S)
 
@@ -104,7 +122,8 @@ class BareAmqtt(System):
 
     async def start_broker(self) -> None:
         self.broker = procs.Managed(
-            "amqtt", [sys.executable, "-m", "bench.amqtt_broker", "--port", str(self.mqtt_port)], self.log("broker"))
+            "amqtt", [sys.executable, "-m", "bench.amqtt_broker", "--port", str(self.mqtt_port)], self.log("broker"),
+            cpus=self.cpus)
         await self.broker.start()
         await procs.wait_for_tcp(self.broker, self.mqtt_port, START_TIMEOUT_S)
 
@@ -126,9 +145,17 @@ class Mosquitto(System):
             "log_type warning\n"
             "connection_messages false\n"
         )
-        self.broker = procs.Managed("mosquitto", [binary, "-c", str(config)], self.log("broker"))
+        self.broker = procs.Managed("mosquitto", [binary, "-c", str(config)], self.log("broker"), cpus=self.cpus)
         await self.broker.start()
         await procs.wait_for_tcp(self.broker, self.mqtt_port, START_TIMEOUT_S)
+
+
+class Lean(Mosquitto):
+    """The same Mosquitto + the lean publisher: no token check, one publish to the targeted endpoint's topic."""
+
+    name = "lean"
+    style = TopicStyle.ENDPOINT
+    publisher_module = "bench.lean_publisher"
 
 
 def snapshot_ours(repo: Path, destination: Path) -> str:
@@ -147,7 +174,7 @@ def snapshot_ours(repo: Path, destination: Path) -> str:
 
 
 def make_system(name: str, workdir: Path, tag: str, secret: str, with_http: bool, log_level: str,
-                ours_dir: Path = procs.REPO) -> System:
+                ours_dir: Path = procs.REPO, cpus: frozenset[int] | None = None) -> System:
     kinds: dict[str, type[System]] = {"ours": Ours, "ours-memory": OursMemory, "amqtt": BareAmqtt,
-                                      "mosquitto": Mosquitto}
-    return kinds[name](workdir, tag, secret, with_http, log_level, ours_dir)
+                                      "mosquitto": Mosquitto, "lean": Lean}
+    return kinds[name](workdir, tag, secret, with_http, log_level, ours_dir, cpus)

@@ -5,7 +5,7 @@ The parent runs several of these so that the generator has its own cores' worth
 of CPU, measured separately from the service. Every command is bounded in time
 by its own deadline; the parent adds a timeout on top.
 
-Commands: prepare, connect, ping_start, ping_stop, collect, status, load, close.
+Commands: prepare, connect, reset, ping_start, ping_stop, collect, status, load, close.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class Worker:
         """Pick this worker's share of the endpoints and mint their tokens (not timed)."""
         self.settings = cmd
         style = plan.TopicStyle(cmd["style"])
-        _, endpoints = plan.plan(cmd["n"])
+        _, endpoints = plan.plan(cmd["n"], cmd.get("one_per_user", False))
         mine = endpoints[cmd["worker_index"]::cmd["workers"]]
         started = time.perf_counter()
         minted: dict[str, str] = {}
@@ -150,6 +150,17 @@ class Worker:
             "handshake_p50_ms": percentile(handshake_ms, 0.5), "handshake_p99_ms": percentile(handshake_ms, 0.99),
         }
 
+    async def reset(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """Drop every client (their broker was restarted), so that `connect` can connect them all again.
+
+        The list is emptied in place: a ping task started later iterates the same list object.
+        """
+        for client in self.clients:
+            client.abort()
+        dropped = len(self.clients)
+        self.clients.clear()
+        return {"dropped": dropped}
+
     async def ping_start(self, cmd: dict[str, Any]) -> dict[str, Any]:
         self.ping_stop.clear()
         self.ping_task = asyncio.create_task(self._ping(cmd["period_s"], cmd["max_s"]))
@@ -200,8 +211,12 @@ class Worker:
                 "pings": self.pings_sent, "pingresps": sum(c.pingresps for c in self.clients)}
 
     async def load(self, cmd: dict[str, Any]) -> dict[str, Any]:
-        """Closed-loop sendEvent load: `concurrency` keep-alive connections, each one request at a time."""
-        users, _ = plan.plan(cmd["n"])
+        """Closed-loop sendEvent load: `concurrency` keep-alive connections, each one request at a time.
+
+        With `one_per_user`, every user owns one endpoint and each request names it (userEndpointId).
+        """
+        one_per_user = cmd.get("one_per_user", False)
+        users, endpoints = plan.plan(cmd["n"], one_per_user)
         token = tokens.mint(cmd["secret"], plan.SENDER)
         host, port, qos, phase = cmd["host"], cmd["port"], cmd["qos"], cmd["phase"]
         timeout = cmd["request_timeout_s"]
@@ -214,12 +229,20 @@ class Worker:
 
         async def client(connection: httplite.HttpConnection, rng: random.Random) -> None:
             while self.loop.time() < deadline and totals["sent"] < cmd["max_requests"]:
-                user = users[rng.randrange(len(users))]
+                if one_per_user:
+                    endpoint = endpoints[rng.randrange(len(endpoints))]
+                    user_id, endpoint_id, expected = endpoint.user_id, endpoint.endpoint_id, 1
+                else:
+                    user = users[rng.randrange(len(users))]
+                    user_id, endpoint_id, expected = user.user_id, None, user.endpoints
                 totals["sent"] += 1
                 sent_ns = time.time_ns()
                 event = {"type": "CallCreatedEvent", "timestamp": "2011-12-03T10:15:30Z", "aggregate": "call",
-                         "callId": f"call-{totals['sent']}", "userId": user.user_id, "bp": phase, "bt": sent_ns}
-                body = json.dumps({"userId": user.user_id, "qos": qos, "event": event}).encode()
+                         "callId": f"call-{totals['sent']}", "userId": user_id, "bp": phase, "bt": sent_ns}
+                command: dict[str, Any] = {"userId": user_id, "qos": qos, "event": event}
+                if endpoint_id is not None:
+                    command["userEndpointId"] = endpoint_id
+                body = json.dumps(command).encode()
                 try:
                     status, answer = await connection.request(
                         httplite.post_request(host, port, SEND_PATH, token, body), timeout)
@@ -229,7 +252,7 @@ class Worker:
                 http_ms.append((time.time_ns() - sent_ns) / 1e6)
                 statuses[status] += 1
                 if status == 200:
-                    totals["planned"] += user.endpoints
+                    totals["planned"] += expected
                     totals["answered"] += int(answer) if answer.strip().isdigit() else 0
 
         started = time.time()
@@ -260,7 +283,7 @@ async def serve() -> None:
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     worker = Worker()
     handlers = {
-        "prepare": worker.prepare, "connect": worker.connect, "ping_start": worker.ping_start,
+        "prepare": worker.prepare, "connect": worker.connect, "reset": worker.reset, "ping_start": worker.ping_start,
         "ping_stop": worker.ping_stop_cmd, "collect": worker.collect, "status": worker.status,
         "load": worker.load, "close": worker.close,
     }
