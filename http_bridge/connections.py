@@ -23,6 +23,10 @@ every request, /healthz included, and still keeps the sockets.
 The cap is also kept below the process's open-file limit, less a reserve of
 descriptors (`fd_reserve`), so that MQTT connections, /healthz and the log
 files keep working while HTTP is saturated (see `max_connections_for`).
+
+It also writes each response with one system call: uvicorn writes the head
+and the body separately, and a send() is the dearest step of a sendEvent
+(`CoalescedWrites`).
 """
 
 from __future__ import annotations
@@ -59,6 +63,48 @@ def max_connections_for(configured: int, file_limit: int | None) -> int:
     return max(1, min(configured, file_limit - fd_reserve(file_limit) - HEALTH_OVERFLOW))
 
 
+class CoalescedWrites:
+    """A transport whose writes within one loop iteration leave as one `write`.
+
+    Flushed at the end of the iteration (call_soon), when a response completes, and before a
+    close; `abort` drops what is pending, as the real transport would. Everything else is the
+    real transport's.
+    """
+
+    __slots__ = ("_loop", "_pending", "transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self.transport = transport
+        self._loop = loop
+        self._pending: bytes | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._pending is None:
+            self._pending = bytes(data)
+            self._loop.call_soon(self.flush)
+        else:
+            self._pending += data
+
+    def flush(self) -> None:
+        data, self._pending = self._pending, None
+        if data and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def abort(self) -> None:
+        self._pending = None
+        self.transport.abort()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
 def guarded_protocol(*, request_timeout_seconds: float, max_connections: int) -> type[HttpToolsProtocol]:
     """uvicorn's httptools protocol with a request deadline and a connection cap (pass as `http=`)."""
 
@@ -71,6 +117,7 @@ def guarded_protocol(*, request_timeout_seconds: float, max_connections: int) ->
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            self.transport = CoalescedWrites(transport, self.loop)  # type: ignore[assignment]
             open_connections = len(self.connections)  # this one included, WebSockets too
             if open_connections > max_connections + HEALTH_OVERFLOW:
                 transport.abort()  # frees the descriptor now; nothing is read or written
@@ -103,6 +150,7 @@ def guarded_protocol(*, request_timeout_seconds: float, max_connections: int) ->
                 self._disarm()  # the request is whole: the app may take its time
 
         def on_response_complete(self) -> None:
+            self.transport.flush()  # type: ignore[attr-defined]  # the whole response, now
             pipelined = bool(self.pipeline)  # the next request has already arrived whole
             super().on_response_complete()
             if not pipelined and not self.transport.is_closing():
@@ -113,6 +161,10 @@ def guarded_protocol(*, request_timeout_seconds: float, max_connections: int) ->
                 _write_over_capacity(self.transport)
                 return
             self._disarm()  # an established WebSocket is not a request in progress
+            coalesced = self.transport
+            if isinstance(coalesced, CoalescedWrites):
+                coalesced.flush()
+                self.transport = coalesced.transport  # the WebSocket protocol writes frames itself
             super().handle_websocket_upgrade()
 
         def _arm(self, seconds: float) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import time
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from http_bridge.connections import HEALTH_OVERFLOW, MIN_FD_RESERVE, max_connections_for
+from http_bridge.connections import HEALTH_OVERFLOW, MIN_FD_RESERVE, CoalescedWrites, max_connections_for
 from tests.support import RawMqtt, ServiceProcess, event, paho_client, token, wait_until
 
 
@@ -30,6 +31,56 @@ def closed_by_server(sock: socket.socket) -> bool:
         return False
     except OSError:
         return True
+
+
+class RecordingTransport:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def is_closing(self) -> bool:
+        return self.closed or self.aborted
+
+    def get_write_buffer_size(self) -> int:
+        return 7
+
+
+async def test_a_response_written_in_pieces_leaves_in_one_write() -> None:
+    real = RecordingTransport()
+    coalesced = CoalescedWrites(real, asyncio.get_running_loop())  # type: ignore[arg-type]
+
+    coalesced.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+    coalesced.write(b"{}")
+    assert real.writes == []
+    await asyncio.sleep(0)  # the end of the loop iteration
+
+    assert real.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"]
+    assert coalesced.get_write_buffer_size() == 7  # everything else is the real transport's
+
+
+async def test_close_sends_what_is_pending_first_and_abort_drops_it() -> None:
+    loop = asyncio.get_running_loop()
+    closed, aborted = RecordingTransport(), RecordingTransport()
+
+    by_close = CoalescedWrites(closed, loop)  # type: ignore[arg-type]
+    by_close.write(b"last")
+    by_close.close()
+    by_abort = CoalescedWrites(aborted, loop)  # type: ignore[arg-type]
+    by_abort.write(b"lost")
+    by_abort.abort()
+    await asyncio.sleep(0)  # the end of the loop iteration: nothing more is written
+
+    assert (closed.writes, closed.closed) == ([b"last"], True)
+    assert (aborted.writes, aborted.aborted) == ([], True)
 
 
 def test_the_cap_leaves_descriptors_for_mqtt_and_healthz() -> None:
