@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 
 import orjson
 import pytest
 
 from endpoint_core.feeds import LifecycleFeeds, lifecycle_grant, lifecycle_topic
-from endpoint_core.lifecycle import LifecycleEvent, LifecycleType
+from endpoint_core.lifecycle import LifecycleEvent, LifecycleType, new_event_id
 from endpoint_core.outbox import LIFECYCLE_PACKET_IDS
 from endpoint_core.principals import Principal
 from endpoint_core.table import EndpointTable
@@ -122,3 +123,12 @@ def test_a_full_queue_drops_the_oldest_event_with_a_counted_warning(caplog: pyte
     assert packet_ids[:2] == [LIFECYCLE_PACKET_IDS[0], LIFECYCLE_PACKET_IDS[0] + 1]
     assert feeds.acknowledge(link, packet_ids[0]) and feeds.stats.delivered == 0
     assert feeds.acknowledge(link, packet_ids[3]) and feeds.stats.delivered == 1
+
+
+def test_event_ids_are_distinct_random_uuid4s_across_refills_of_the_pool() -> None:
+    ids = [new_event_id() for _ in range(600)]  # more than two pools of 256
+
+    assert len(set(ids)) == len(ids)
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert (str(parsed), parsed.version, parsed.variant) == (text, 4, uuid.RFC_4122)
