@@ -237,3 +237,20 @@ def test_minted_tokens_verify() -> None:
     token = mint_token(SECRET, user_id="dave", organization_id="o", roles=["SERVICE"], ttl_seconds=60)
     principal = JwtVerifier(secret=SECRET).verify(token)
     assert (principal.user_id, principal.organization_id, principal.is_service) == ("dave", "o", True)
+
+
+def test_the_secret_is_checked_once_not_once_per_token(verifier: JwtVerifier,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    tokens = {user: hs256(userId=user) for user in ("u1", "u2", "u3")}  # encoding checks the key too
+    checks: list[object] = []
+    library_check = jwt.algorithms.HMACAlgorithm.prepare_key
+    monkeypatch.setattr(jwt.algorithms.HMACAlgorithm, "prepare_key",
+                        lambda self, key: checks.append(key) or library_check(self, key))
+
+    for user, token in tokens.items():
+        assert verifier.verify(token).user_id == user
+
+    assert len(checks) == 1
+    monkeypatch.undo()
+    with pytest.raises(NotAuthenticated):  # the memoised key still verifies signatures
+        verifier.verify(jwt.encode(claims(), "another-secret-that-is-long-enough-32b", algorithm="HS256"))
