@@ -2,7 +2,7 @@
 """endpoint-broker: the MQTT broker and the HTTP bridge in one process, on one event loop.
 
     python run_broker.py [--host H] [--mqtt-port P] [--http-port P] [--config FILE] [--log-level L]
-                         [--log-format text|json] [--metrics-port P]
+                         [--log-format text|json] [--metrics-port P] [--metrics-enabled | --no-metrics]
                          [--tls-cert FILE --tls-key FILE [--mqtts-port P] [--tls-client-ca FILE]]
     python run_broker.py token --user U --org O [--role SERVICE] [--ttl SECONDS]
     python run_broker.py genconfig > config.yaml
@@ -169,7 +169,8 @@ def build_app(settings: Settings, tls: ServerTls | None = None) -> Starlette:
 
     return create_app(service, mqtt, store, max_body_bytes=settings.max_body_bytes,
                       cors_allow_origins=settings.cors_allow_origins, on_starting=on_starting,
-                      on_started=on_started, metrics_port=settings.metrics_port, metrics_host=settings.host,
+                      on_started=on_started, metrics_enabled=settings.metrics_enabled,
+                      metrics_port=settings.metrics_port, metrics_host=settings.host,
                       webhook=webhook,
                       dashboard=DashboardPolicy(settings.dashboard_max_streams, settings.dashboard_stream_queue_events))
 
@@ -348,6 +349,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--metrics-port", type=int,
                         help="serve GET /metrics on this port only, not on the HTTP port "
                              "(ENDPOINT_BROKER_METRICS_PORT, default 0: on the HTTP port)")
+    metrics = parser.add_mutually_exclusive_group()
+    metrics.add_argument("--metrics-enabled", dest="metrics_enabled", action="store_const", const=True,
+                         help="serve GET /metrics and count for it (ENDPOINT_BROKER_METRICS_ENABLED, default true)")
+    metrics.add_argument("--no-metrics", dest="metrics_enabled", action="store_const", const=False,
+                         help="no GET /metrics and no per-request metrics work; request ids stay")
     parser.add_argument("--data-dir", metavar="DIR",
                         help="where the store keeps its file (ENDPOINT_BROKER_DATA_DIR, default data)")
     parser.add_argument("--store", choices=("sqlite", "memory"),
@@ -384,7 +390,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = {"host": args.host, "mqtt_port": args.mqtt_port, "http_port": args.http_port,
                  "log_level": args.log_level, "mqtts_port": args.mqtts_port, "tls_cert": args.tls_cert,
                  "tls_key": args.tls_key, "tls_client_ca": args.tls_client_ca, "data_dir": args.data_dir,
-                 "store": args.store, "log_format": args.log_format, "metrics_port": args.metrics_port}
+                 "store": args.store, "log_format": args.log_format, "metrics_port": args.metrics_port,
+                 "metrics_enabled": args.metrics_enabled}
     try:
         settings = load_settings(os.environ, getattr(args, "token_config", None) or args.config, overrides)
         if args.command == "token":

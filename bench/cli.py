@@ -20,7 +20,7 @@ from typing import Any
 
 from bench import config, machine, report
 from bench.scenarios import Context, Record, SessionRunner, connect_deadline
-from bench.systems import MOSQUITTO_BASED, SYSTEMS, mosquitto_binary, snapshot_ours
+from bench.systems import MOSQUITTO_BASED, OURS_BASED, SYSTEMS, mosquitto_binary, snapshot_ours
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -162,7 +162,7 @@ async def run_all(args: argparse.Namespace) -> Results:
     workdir.mkdir(parents=True, exist_ok=True)
     prune_work(workdir.parent, keep=3)
     ours_dir = args.ours_dir.resolve() if args.ours_dir else workdir / "ours"
-    if args.ours_dir is None and {"ours", "ours-memory"} & set(systems):
+    if args.ours_dir is None and set(OURS_BASED) & set(systems):
         # The repo may be edited while the bench runs: every session measures this copy instead.
         meta["machine"]["code"] += f", snapshot {snapshot_ours(REPO, ours_dir)} taken at the start"
     ctx = Context(profile, secrets.token_urlsafe(32), workdir, args.ours_log_level, results.add, ours_dir)

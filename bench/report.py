@@ -10,7 +10,10 @@ from typing import Any
 
 from bench.cpu import MIN_WINDOW_S, OTHER_LOAD_PCT
 
-BASELINES = ("amqtt", "mosquitto", "lean")
+# Each gets an ours/<baseline> ratio column when it ran beside ours; ours-nometrics is ours with metrics off.
+BASELINES = ("amqtt", "mosquitto", "lean", "ours-nometrics")
+# Issue 11: metrics may cost at most this share of sendEvent throughput.
+METRICS_COST_LIMIT = 0.03
 SCENARIO_ORDER = ("send", "connect", "memory", "keepalive", "reconnect")
 
 
@@ -280,6 +283,22 @@ def issue13_targets(records: list[dict[str, Any]], idle_size: int) -> list[list[
     return out
 
 
+def metrics_cost(records: list[dict[str, Any]]) -> list[list[str]]:
+    """Issue 11: ours' sendEvent throughput with metrics on, against ours-nometrics in the same runs."""
+    out: list[list[str]] = []
+    for (scenario_index, n, qos), by_system in group(records).items():
+        off = by_system.get("ours-nometrics", [])
+        if SCENARIO_ORDER[scenario_index] != "send" or not off or not by_system.get("ours"):
+            continue
+        ratio = ratio_spread(by_system["ours"], off, "delivered_per_s")
+        cost = None if ratio.median is None else (1 - ratio.median) * 100
+        out.append([f"sendEvent N={n:,} QoS {qos}: metrics cost <= {METRICS_COST_LIMIT:.0%} of events/s "
+                    "(ours vs ours-nometrics)",
+                    f"{ratio.text()}x; cost {fmt(cost)}%" if cost is not None else f"{ratio.text()}x",
+                    _verdict(None if cost is None else cost <= METRICS_COST_LIMIT * 100)])
+    return out
+
+
 TARGET_SETS = {"round1": targets, "issue13": issue13_targets}
 
 
@@ -334,7 +353,7 @@ def report(result: dict[str, Any], markdown: bool = False) -> str:
                  "generator process, max over runs)")
     parts.append(render(*cpu_rows(records, systems), markdown))
     check = TARGET_SETS[meta["profile"].get("target_set", "round1")]
-    target_rows = check(records, idle_size) if "ours" in systems else []
+    target_rows = [*check(records, idle_size), *metrics_cost(records)] if "ours" in systems else []
     if target_rows:
         parts.append(f"{heading}Targets (ours)")
         parts.append(render(["target", "measured", "verdict"], target_rows, markdown))

@@ -1,6 +1,8 @@
 """The systems under test, each started as its own processes on free loopback ports.
 
 - ours: run_broker.py (broker and HTTP bridge in one process).
+- ours-memory, ours-nometrics: ours with --store memory, or with metrics off (what durability,
+  or metrics, cost is the difference to `ours`).
 - amqtt: bare amqtt 0.12.1 (bench.amqtt_broker) + the DIY publisher for sendEvent.
 - mosquitto: Debian's mosquitto with a generated config + the DIY publisher.
 - lean: the same mosquitto + the lean publisher (no token check, one publish per
@@ -22,12 +24,15 @@ from bench.plan import TopicStyle
 START_TIMEOUT_S = 30.0
 # A restart (the reconnect storm) gives the service this long to stop before it is killed.
 RESTART_STOP_GRACE_S = 15.0
-SYSTEMS = ("ours", "ours-memory", "amqtt", "mosquitto", "lean")
-# ours-memory (ours with --store memory) is measured only when named in --targets; lean
-# only where every user owns one endpoint (its sendEvent targets userEndpointId).
+SYSTEMS = ("ours", "ours-memory", "ours-nometrics", "amqtt", "mosquitto", "lean")
+# ours-memory (ours with --store memory) and ours-nometrics (ours with metrics off) are measured
+# only when named in --targets; lean only where every user owns one endpoint (its sendEvent
+# targets userEndpointId).
 DEFAULT_SYSTEMS = ("ours", "amqtt", "mosquitto")
 # Systems whose broker is Debian's mosquitto.
 MOSQUITTO_BASED = ("mosquitto", "lean")
+# Systems that run this repository's run_broker.py.
+OURS_BASED = ("ours", "ours-memory", "ours-nometrics")
 
 
 def mosquitto_binary() -> str | None:
@@ -92,6 +97,7 @@ class Ours(System):
     name = "ours"
     style = TopicStyle.ENDPOINT
     store = "sqlite"
+    extra_env: tuple[tuple[str, str], ...] = ()  # a variant's own settings, as environment variables
     data_dir: str | None = None
 
     async def start_broker(self) -> None:
@@ -100,7 +106,8 @@ class Ours(System):
             # A restart within the session keeps it: that is what the reconnect storm measures.
             self.data_dir = tempfile.mkdtemp(prefix=f"{self.tag}-data-", dir=self.workdir)
         env = {**os.environ, "ENDPOINT_BROKER_JWT_SECRET": self.secret, "ENDPOINT_BROKER_LOG_LEVEL": self.log_level,
-               "ENDPOINT_BROKER_STORE": self.store, "ENDPOINT_BROKER_DATA_DIR": self.data_dir}
+               "ENDPOINT_BROKER_STORE": self.store, "ENDPOINT_BROKER_DATA_DIR": self.data_dir,
+               **dict(self.extra_env)}
         self.broker = procs.Managed(
             "endpoint-broker",
             [sys.executable, "run_broker.py", "--host", "127.0.0.1", "--mqtt-port", str(self.mqtt_port),
@@ -115,6 +122,13 @@ class OursMemory(Ours):
 
     name = "ours-memory"
     store = "memory"
+
+
+class OursNoMetrics(Ours):
+    """endpoint-broker with metrics off: what metrics cost (issue 11: at most 3%) is the difference to `ours`."""
+
+    name = "ours-nometrics"
+    extra_env = (("ENDPOINT_BROKER_METRICS_ENABLED", "false"),)
 
 
 class BareAmqtt(System):
@@ -175,6 +189,6 @@ def snapshot_ours(repo: Path, destination: Path) -> str:
 
 def make_system(name: str, workdir: Path, tag: str, secret: str, with_http: bool, log_level: str,
                 ours_dir: Path = procs.REPO, cpus: frozenset[int] | None = None) -> System:
-    kinds: dict[str, type[System]] = {"ours": Ours, "ours-memory": OursMemory, "amqtt": BareAmqtt,
-                                      "mosquitto": Mosquitto, "lean": Lean}
+    kinds: dict[str, type[System]] = {"ours": Ours, "ours-memory": OursMemory, "ours-nometrics": OursNoMetrics,
+                                      "amqtt": BareAmqtt, "mosquitto": Mosquitto, "lean": Lean}
     return kinds[name](workdir, tag, secret, with_http, log_level, ours_dir, cpus)

@@ -5,7 +5,7 @@ ENDPOINT_BROKER_CONFIG), the environment (ENDPOINT_BROKER_<FIELD NAME>), then
 command-line flags. Every field can be set in YAML (by its name) and in the
 environment; the flags are --host, --mqtt-port, --http-port, --mqtts-port,
 --tls-cert, --tls-key, --tls-client-ca, --config, --log-level, --log-format
-and --metrics-port.
+--metrics-port and --metrics-enabled/--no-metrics.
 """
 
 from __future__ import annotations
@@ -54,6 +54,9 @@ class Settings:
     log_format: str = "text"  # or "json": one object per line
     # 0: GET /metrics on http_port. Else only on a listener of its own, on `host`, at this port.
     metrics_port: int = 0
+    # false: no GET /metrics and none of the metrics-only work (per-request counts and timings, the
+    # loop-lag sampler, lifecycle counts). Request ids stay: they belong to the logs.
+    metrics_enabled: bool = True
 
     # Token verification. With neither a secret nor a public key, dev mode.
     jwt_secret: str | None = None
@@ -149,10 +152,7 @@ class Settings:
             port = getattr(self, name)
             if not 0 <= port <= 65535:
                 raise ConfigError(f"{name} must be a port number, got {port}")
-        if not 0 <= self.metrics_port <= 65535:
-            raise ConfigError(f"metrics_port must be a port number, or 0 for the HTTP port, got {self.metrics_port}")
-        if self.metrics_port and self.metrics_port in (self.mqtt_port, self.http_port):
-            raise ConfigError(f"metrics_port {self.metrics_port} is already mqtt_port or http_port: give it its own")
+        self._check_metrics()
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format must be text or json, got {self.log_format!r}")
         if not 1 <= self.mqtts_port <= 65535:
@@ -205,6 +205,16 @@ class Settings:
         self._check_lifecycle()
         if self.jwt_public_key_file and not Path(self.jwt_public_key_file).is_file():
             raise ConfigError(f"jwt_public_key_file {self.jwt_public_key_file!r} does not exist")
+
+    def _check_metrics(self) -> None:
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port must be a port number, or 0 for the HTTP port, got {self.metrics_port}")
+        if self.metrics_port and self.metrics_port in (self.mqtt_port, self.http_port):
+            raise ConfigError(f"metrics_port {self.metrics_port} is already mqtt_port or http_port: give it its own")
+        # Refused rather than ignored: a port that opens nothing would look like a scrape target that is down.
+        if self.metrics_port and not self.metrics_enabled:
+            raise ConfigError(f"metrics_port is {self.metrics_port} but metrics_enabled is false: there are no "
+                              "metrics to serve; unset metrics_port or turn metrics on")
 
     def _check_lifecycle(self) -> None:
         url = self.lifecycle_webhook_url

@@ -22,7 +22,7 @@ from http_bridge.dashboard import DashboardPolicy, DashboardStreams
 from http_bridge.problems import domain_error, http_error, unexpected_error
 from http_bridge.routes import routes
 from http_bridge.webhook import WebhookSender
-from observability.requests import RequestObserver
+from observability.requests import RequestIds, RequestObserver
 from observability.wiring import Observability
 
 
@@ -56,6 +56,7 @@ def create_app(
     cors_allow_origins: Sequence[str] = (),
     on_starting: Callable[[], None] | None = None,
     on_started: Callable[[], None] | None = None,
+    metrics_enabled: bool = True,
     metrics_port: int = 0,
     metrics_host: str = "127.0.0.1",
     dashboard: DashboardPolicy | None = None,
@@ -65,11 +66,12 @@ def create_app(
     service.table.observers.append(streams)
     # Route templates are the closed set of the HTTP metrics' `route` label.
     paths = [route.path for route in routes if isinstance(route, Route)]
+    # Metrics off: no /metrics, no lifecycle counts, no loop-lag sampler, no per-request counting.
     observability = Observability(
         service, mqtt, store, host=metrics_host, metrics_port=metrics_port,
         http_routes=[path for path in paths if "{" not in path],
         http_prefix_routes=[(path.split("{", 1)[0], path) for path in paths if "{" in path],
-    )
+    ) if metrics_enabled else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -83,7 +85,8 @@ def create_app(
         await mqtt.start()
         expiry = ExpiryDriver(service.table)
         expiry.start()
-        await observability.start()
+        if observability is not None:
+            await observability.start()
         if webhook is not None:
             webhook.start()
         if on_started is not None:
@@ -91,15 +94,17 @@ def create_app(
         try:
             yield
         finally:
-            await observability.stop()
+            if observability is not None:
+                await observability.stop()
             expiry.stop()
             await mqtt.stop()
             if webhook is not None:
                 await webhook.stop()
             await store.close()
 
-    # Outermost: every request gets its id and is counted, whatever answers it.
-    middleware: list[Middleware] = [Middleware(RequestObserver, stats=observability.http)]
+    # Outermost: every request gets its id (and is counted, with metrics on), whatever answers it.
+    middleware: list[Middleware] = [
+        Middleware(RequestIds) if observability is None else Middleware(RequestObserver, stats=observability.http)]
     if cors_allow_origins:
         # Tokens travel in the Authorization header, never in cookies, so no credentials mode.
         middleware.append(Middleware(
@@ -112,7 +117,7 @@ def create_app(
     # Innermost, so that CORS and the 500 handler wrap the command routes too.
     middleware.append(Middleware(CommandRoutes))
     app = Starlette(
-        routes=[*routes, *observability.routes()],
+        routes=[*routes, *(observability.routes() if observability is not None else ())],
         middleware=middleware,
         lifespan=lifespan,
         exception_handlers={
@@ -124,7 +129,7 @@ def create_app(
     app.state.service = service
     app.state.mqtt = mqtt
     app.state.store = store
-    app.state.observability = observability
+    app.state.observability = observability  # None with metrics off
     app.state.dashboard = streams
     app.state.max_body_bytes = max_body_bytes
     return app

@@ -303,7 +303,8 @@ def _paths() -> dict[str, Any]:
         METRICS_PATH: {
             "get": {
                 "summary": "Metrics in the Prometheus text format. Here unless metrics_port is set: then they "
-                           "are served only on that port, and this answers 404.",
+                           "are served only on that port, and this answers 404; with metrics_enabled false "
+                           "there are none, and this answers 404.",
                 "security": [],
                 "responses": {"200": {"description": "The metrics.", "content": _text("text/plain")},
                               **_errors(404)},

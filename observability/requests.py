@@ -3,6 +3,9 @@
 The outermost ASGI middleware. The request id is the client's X-Request-Id when it is a
 short token of safe characters, else a new one; it is echoed in the response and kept in a
 context variable, so every log line the request causes carries it (observability.logs).
+
+Two classes, picked when the app is built (http_bridge.app): RequestObserver with metrics on,
+RequestIds with metrics off. Neither asks per request whether metrics are on.
 """
 
 from __future__ import annotations
@@ -73,8 +76,33 @@ class HttpStats:
         return self._other
 
 
+class RequestIds:
+    """Middleware with metrics off: request id in, request id out, and nothing counted or timed."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = request_id_of(scope["headers"])
+        token = request_id.set(rid)
+        header = (REQUEST_ID_HEADER, rid.encode("ascii"))
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), header]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            request_id.reset(token)
+
+
 class RequestObserver:
-    """Middleware: request id in, request id out, and the request counted and timed."""
+    """Middleware with metrics on: request id in, request id out, and the request counted and timed."""
 
     def __init__(self, app: ASGIApp, stats: HttpStats) -> None:
         self.app = app

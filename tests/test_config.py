@@ -41,6 +41,9 @@ def test_precedence_file_then_environment_then_flags(tmp_path: Path) -> None:
     ({"ENDPOINT_BROKER_LOG_FORMAT": "xml"}, "log_format"),
     ({"ENDPOINT_BROKER_METRICS_PORT": "70000"}, "metrics_port"),
     ({"ENDPOINT_BROKER_METRICS_PORT": "8080"}, "metrics_port"),  # the HTTP port's
+    ({"ENDPOINT_BROKER_METRICS_ENABLED": "sometimes"}, "metrics_enabled"),
+    # A port for metrics that are off: refused rather than silently ignored.
+    ({"ENDPOINT_BROKER_METRICS_ENABLED": "false", "ENDPOINT_BROKER_METRICS_PORT": "9100"}, "metrics_enabled"),
     ({"ENDPOINT_BROKER_MAX_ENDPOINTS_PER_USER": "0"}, "max_endpoints_per_user"),
     ({"ENDPOINT_BROKER_DEFAULT_MQTT_KEEP_ALIVE_SECONDS": "0"}, "default_mqtt_keep_alive_seconds"),
     ({"ENDPOINT_BROKER_ENDPOINT_ID_PATTERN": "[a-"}, "endpoint_id_pattern"),
@@ -50,6 +53,21 @@ def test_malformed_settings_are_refused_with_their_name(environ: dict[str, str],
         load_settings(environ)
 
 
+
+
+def test_metrics_are_on_by_default_and_turned_off_from_yaml_environment_or_flag(tmp_path: Path) -> None:
+    import run_broker
+
+    assert Settings().metrics_enabled is True
+    config = tmp_path / "c.yaml"
+    config.write_text("metrics_enabled: false\n")
+    assert load_settings({}, str(config)).metrics_enabled is False
+    assert load_settings({"ENDPOINT_BROKER_METRICS_ENABLED": "false"}).metrics_enabled is False
+    assert load_settings({"ENDPOINT_BROKER_METRICS_ENABLED": "false"},
+                         overrides={"metrics_enabled": True}).metrics_enabled is True
+    assert run_broker.parse_args(["--no-metrics"]).metrics_enabled is False
+    assert run_broker.parse_args(["--metrics-enabled"]).metrics_enabled is True
+    assert run_broker.parse_args([]).metrics_enabled is None  # no flag: the file and environment decide
 
 
 def test_the_webhook_policy_defaults_are_its_own_and_the_secret_is_redacted() -> None:

@@ -1,7 +1,9 @@
-"""GET /metrics: every family, exact deltas from real traffic, the separate listener, and the README table."""
+"""GET /metrics: every family, exact deltas from real traffic, the separate listener, the README table, and
+metrics off (metrics_enabled false: no /metrics, request ids kept)."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections import Counter
 from collections.abc import Iterable
@@ -9,16 +11,22 @@ from collections.abc import Iterable
 import httpx
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.applications import Starlette
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+import run_broker
 from broker_plugin.connection import MqttCounters
+from config import Settings
 from endpoint_core.counting import BucketCounts
 from endpoint_core.principals import JwtVerifier
 from endpoint_core.service import EndpointService
 from endpoint_core.table import EndpointTable
+from http_bridge.openapi import OPENAPI_PATH
+from observability.context import request_id
 from observability.lifecycle_counts import LifecycleCounts
 from observability.loop import LoopLagSampler
 from observability.metrics import BrokerCollector, Sources, registry_for
-from observability.requests import HttpStats
+from observability.requests import HttpStats, RequestIds
 from store import MemoryStore
 from tests.support import ROOT, SECRET, RawMqtt, ServiceProcess, event, listening_ports, token, wait_until
 
@@ -275,3 +283,58 @@ def test_metrics_port_serves_metrics_alone_and_removes_them_from_the_http_port(m
     assert "endpoint_broker_build_info" in {family.name for family in text_string_to_metric_families(response.text)}
     assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 404
     assert httpx.get(service.base_url + "/metrics", timeout=10).status_code == 404
+
+
+# ------------------------------------------------------------------ metrics off
+
+
+def app_with(**settings: object) -> Starlette:
+    """The service's own wiring (run_broker.build_app), in process; its lifespan is not run."""
+    return run_broker.build_app(Settings(store="memory", **settings))  # type: ignore[arg-type]
+
+
+def get(app: ASGIApp, path: str, headers: dict[str, str] | None = None) -> httpx.Response:
+    """One request to an ASGI app, in process."""
+    async def request() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return await client.get(path, headers=headers)
+
+    return asyncio.run(request())
+
+
+def test_metrics_off_leaves_no_metrics_route_and_no_metrics_observer() -> None:
+    on, off = app_with(), app_with(metrics_enabled=False)
+    assert get(on, "/metrics").status_code == 200
+    assert get(off, "/metrics").status_code == 404
+    # Nothing is counted per lifecycle transition, and nothing is left to start a loop-lag sampler.
+    assert any(isinstance(o, LifecycleCounts) for o in on.state.service.table.observers)
+    assert not any(isinstance(o, LifecycleCounts) for o in off.state.service.table.observers)
+    assert off.state.observability is None
+
+
+def test_metrics_off_still_gives_every_request_its_id() -> None:
+    app = app_with(metrics_enabled=False)
+    assert get(app, OPENAPI_PATH, headers={"X-Request-Id": "client-id-1"}).headers["x-request-id"] == "client-id-1"
+    first, second = (get(app, "/no-such-route").headers["x-request-id"] for _ in range(2))
+    assert first and second and first != second
+
+
+def test_request_ids_without_metrics_reach_the_log_context() -> None:
+    seen: list[str | None] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append(request_id.get())  # what every log line of the request reads (observability.logs)
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    response = get(RequestIds(app), "/", headers={"X-Request-Id": "abc-123"})
+    assert response.status_code == 204 and response.headers["x-request-id"] == "abc-123"
+    assert seen == ["abc-123"]
+    assert request_id.get() is None  # reset after the request
+
+
+def test_no_metrics_flag_turns_metrics_off_in_the_real_service(make_service) -> None:
+    service = make_service(args=["--no-metrics"])
+    assert httpx.get(service.base_url + "/metrics", timeout=10).status_code == 404
+    response = httpx.get(service.base_url + "/healthz", headers={"X-Request-Id": "probe-7"}, timeout=10)
+    assert response.status_code == 200 and response.headers["x-request-id"] == "probe-7"

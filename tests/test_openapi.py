@@ -30,7 +30,7 @@ def test_every_route_is_documented_and_nothing_else() -> None:
         for route in routes if isinstance(route, Route)
         for method in route.methods or () if method != "HEAD"  # Starlette adds HEAD to every GET
     }
-    # create_app adds GET /metrics unless metrics_port moves it to a listener of its own.
+    # create_app adds GET /metrics unless metrics_port moves it to a listener of its own, or metrics are off.
     assert served | {("GET", METRICS_PATH)} == OPERATIONS
     assert all(isinstance(route, Route) for route in routes)  # nothing the document could miss
     # /ws is plain ASGI ahead of the router (http_bridge.websocket), not an HTTP operation: the document says so.
