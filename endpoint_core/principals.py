@@ -51,6 +51,8 @@ def _decoder() -> jwt.PyJWT:
         jws.unregister_algorithm(name)
         jws.register_algorithm(name, _CheckedHmac(hash_alg))
     return decoder
+
+
 RSA_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 EC_ALGORITHMS = frozenset({"ES256", "ES384", "ES512"})
 # RFC 7518 section 3.2: an HS256 key must be at least as long as the hash, 256 bits.
@@ -87,8 +89,12 @@ class Principal:
 
 
 class TokenVerifier(Protocol):
-    def verify(self, token: str) -> Principal:
-        """Return the token's principal, or raise NotAuthenticated saying why."""
+    def verify(self, token: str, *, remember: bool = True) -> Principal:
+        """Return the token's principal, or raise NotAuthenticated saying why.
+
+        `remember=False`: the caller will not present this token again soon (an MQTT CONNECT
+        holds its connection for the token's life), so caching it would only cost memory.
+        """
         ...
 
 
@@ -166,12 +172,13 @@ class JwtVerifier:
     def algorithms(self) -> tuple[str, ...]:
         return tuple(self._keys)
 
-    def verify(self, token: str) -> Principal:
+    def verify(self, token: str, *, remember: bool = True) -> Principal:
         cached = self._cache.get(token)
         if cached is not None:
             return cached
         principal = self._verify_uncached(token)
-        self._cache[token] = principal
+        if remember:
+            self._cache[token] = principal
         return principal
 
     def _verify_uncached(self, token: str) -> Principal:

@@ -245,7 +245,7 @@ def test_the_secret_is_checked_once_not_once_per_token(verifier: JwtVerifier,
     checks: list[object] = []
     library_check = jwt.algorithms.HMACAlgorithm.prepare_key
     monkeypatch.setattr(jwt.algorithms.HMACAlgorithm, "prepare_key",
-                        lambda self, key: checks.append(key) or library_check(self, key))
+                        lambda self, key: (checks.append(key), library_check(self, key))[1])
 
     for user, token in tokens.items():
         assert verifier.verify(token).user_id == user
@@ -254,3 +254,13 @@ def test_the_secret_is_checked_once_not_once_per_token(verifier: JwtVerifier,
     monkeypatch.undo()
     with pytest.raises(NotAuthenticated):  # the memoised key still verifies signatures
         verifier.verify(jwt.encode(claims(), "another-secret-that-is-long-enough-32b", algorithm="HS256"))
+
+
+def test_a_token_verified_without_remembering_is_not_cached(verifier: JwtVerifier) -> None:
+    token = hs256()
+
+    assert verifier.verify(token, remember=False).user_id == "alice"
+    assert token not in verifier._cache  # an MQTT CONNECT's token: kept only by its connection
+
+    verifier.verify(token)
+    assert token in verifier._cache
