@@ -90,6 +90,8 @@ class PingReceived:
     """Already answered (PINGRESP)."""
 
 
+PING_RECEIVED = PingReceived()  # it carries nothing: one instance serves every PINGREQ
+
 @dataclass(frozen=True, slots=True)
 class QosTwoAckReceived:
     """PUBREL (already answered with PUBCOMP), PUBREC or PUBCOMP: nothing to do but count it."""
@@ -268,6 +270,13 @@ class MqttConnection:
                 del buffer[:4]
                 self._counters.packets_in[codec.PUBACK] += 1
                 return PubackReceived(packet_id)
+        # And the packet an idle connection is made of: PINGREQ, answered in place.
+        if len(buffer) >= 2 and buffer[0] == 0xC0 and buffer[1] == 0 and self.phase is Phase.CONNECTED:
+            del buffer[:2]
+            self._counters.packets_in[codec.PINGREQ] += 1
+            self._outgoing += codec.PINGRESP_BYTES
+            self._counters.packets_out[codec.PINGRESP] += 1
+            return PING_RECEIVED
         awaiting_connect = self.phase is Phase.AWAITING_CONNECT
         if awaiting_connect and buffer and buffer[0] >> 4 != codec.CONNECT:
             raise ProtocolViolation("the first packet must be CONNECT")
@@ -300,7 +309,7 @@ class MqttConnection:
             codec.decode_empty(packet_type, flags, body)
             outgoing += codec.PINGRESP_BYTES
             sent[codec.PINGRESP] += 1
-            return PingReceived()
+            return PING_RECEIVED
         if packet_type == codec.PUBACK:
             return PubackReceived(codec.decode_packet_id_only(packet_type, flags, body))
         if packet_type == codec.SUBSCRIBE:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from broker_plugin import codec
 from broker_plugin.connection import (
+    PING_RECEIVED,
     Closed,
     ConnectionLimits,
     ConnectRequest,
@@ -195,6 +196,8 @@ class MqttLink:
             # Every packet from the client is a keepalive for its endpoint.
             self._host.table.touch(endpoint, self)
             self._host.plugin.service.feeds.touch(self)
+        if event is PING_RECEIVED:
+            return  # answered by the connection; a keepalive, counted above
         if isinstance(event, PubackReceived):
             assert endpoint is not None
             if not self._host.plugin.service.feeds.acknowledge(self, event.packet_id):

@@ -17,6 +17,7 @@ from broker_plugin.connection import (
     ConnectRequest,
     Event,
     MqttConnection,
+    MqttCounters,
     Phase,
     PingReceived,
     PubackReceived,
@@ -316,6 +317,23 @@ def test_pingreq_is_answered_with_pingresp() -> None:
     connection.receive_data(PINGREQ)
     assert drain(connection) == [PingReceived()]
     assert connection.data_to_send() == PINGRESP
+
+
+def test_pingreqs_read_in_place_are_each_answered_and_counted() -> None:
+    counters = MqttCounters()
+    connection = MqttConnection(LIMITS, START, counters)
+    connection.receive_data(connect_packet())
+    drain(connection)
+    connection.accept(False, None)
+    connection.data_to_send()
+
+    connection.receive_data(PINGREQ * 3 + b"\xc0")  # and the first byte of a fourth
+
+    assert drain(connection) == [PingReceived()] * 3
+    assert connection.data_to_send() == PINGRESP * 3
+    assert (counters.packets_in[codec.PINGREQ], counters.packets_out[codec.PINGRESP]) == (3, 3)
+    connection.receive_data(b"\x00")
+    assert drain(connection) == [PingReceived()]
 
 
 @pytest.mark.parametrize(("data", "event", "answer"), [
