@@ -619,6 +619,17 @@ def test_send_publish_writes_the_exact_publish(qos: int, packet_id: int | None, 
     assert connection.data_to_send() == expected
 
 
+def test_publishes_queued_together_leave_whole_and_in_order() -> None:
+    connection = connected()
+    expected = b""
+    for n in range(5):
+        assert connection.send_publish("t", b"%d" % n, 1, n + 1, False) is True
+        expected += codec.encode_publish("t", b"%d" % n, 1, n + 1, False)
+
+    assert connection.data_to_send() == expected
+    assert connection.data_to_send() == b""
+
+
 def test_send_publish_returns_false_before_accept() -> None:
     connection = MqttConnection(LIMITS, START)
     assert connection.send_publish("t", b"x", 0, None, False) is False
