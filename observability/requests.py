@@ -10,6 +10,7 @@ RequestIds with metrics off. Neither asks per request whether metrics are on.
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import re
 import secrets
@@ -43,6 +44,12 @@ def request_id_of(headers: Iterable[tuple[bytes, bytes]]) -> str:
                 return value.decode("ascii")
             break
     return f"{_ID_PREFIX}-{next(_id_counter):x}"
+
+
+def adopt_request_id(scope: Scope) -> tuple[contextvars.Token[str | None], tuple[bytes, bytes]]:
+    """The request's id, made current for the log lines it causes, and the header that echoes it."""
+    rid = request_id_of(scope["headers"])
+    return request_id.set(rid), (REQUEST_ID_HEADER, rid.encode("ascii"))
 
 
 class RouteStats:
@@ -86,9 +93,7 @@ class RequestIds:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = request_id_of(scope["headers"])
-        token = request_id.set(rid)
-        header = (REQUEST_ID_HEADER, rid.encode("ascii"))
+        token, header = adopt_request_id(scope)
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -112,9 +117,7 @@ class RequestObserver:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = request_id_of(scope["headers"])
-        token = request_id.set(rid)
-        header = (REQUEST_ID_HEADER, rid.encode("ascii"))
+        token, header = adopt_request_id(scope)
         status = 500  # if the app fails before it answers
         started = time.perf_counter()
 
