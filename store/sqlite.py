@@ -218,10 +218,42 @@ def net_changes(changes: Sequence[Change]) -> Sequence[Change]:
     return kept + [c for c in deletes if (c.endpoint_id, c.seq) not in gone]
 
 
+# Runs of events are written with one statement per chunk of rows, not one step per row: each
+# step gives the GIL up and takes it back, and while the event loop is busy every taking back
+# waits for its switch interval (5 ms), so a batch of n rows held its waiters for up to 2n of
+# them. Chunk sizes are powers of two, so that few distinct statements are prepared and cached.
+MAX_ROWS_PER_STATEMENT = 256
+MULTI_ROW: dict[type, tuple[str, str, str, Callable[[Any], Params]]] = {
+    # kind: (statement head, one row's placeholders, statement tail, the row's parameters)
+    PutEvent: ("INSERT OR REPLACE INTO events (endpoint_id, seq, payload) VALUES ", "(?,?,?)", "",
+               lambda c: (c.event.endpoint_id, c.event.seq, c.event.payload)),
+    DeleteEvent: ("DELETE FROM events WHERE (endpoint_id, seq) IN (VALUES ", "(?,?)", ")",
+                  lambda c: (c.endpoint_id, c.seq)),
+}
+
+
+def _multi_row_sql(kind: type, rows: int) -> str:
+    head, row, tail, _ = MULTI_ROW[kind]
+    return head + ",".join([row] * rows) + tail
+
+
+def _apply_multi_row(connection: sqlite3.Connection, kind: type, batch: Sequence[Change]) -> None:
+    params = MULTI_ROW[kind][3]
+    start = 0
+    while start < len(batch):
+        rows = min(MAX_ROWS_PER_STATEMENT, 1 << (len(batch) - start).bit_length() - 1)
+        values = [value for change in batch[start:start + rows] for value in params(change)]
+        connection.execute(_multi_row_sql(kind, rows), values)
+        start += rows
+
+
 def apply_changes(connection: sqlite3.Connection, changes: Sequence[Change]) -> None:
-    """Apply in order; runs of one kind go through executemany (one prepared statement per run)."""
+    """Apply in order; runs of one kind share their statements (see MULTI_ROW)."""
     for kind, run in itertools.groupby(net_changes(changes), key=type):
         batch = list(run)
+        if kind in MULTI_ROW:
+            _apply_multi_row(connection, kind, batch)
+            continue
         for sql, params in STATEMENTS[kind]:
             connection.executemany(sql, map(params, batch))
 

@@ -557,3 +557,14 @@ def test_an_event_acknowledged_before_its_commit_is_never_written_and_deletes_go
     ]
     assert net_changes(changes) == [PutEndpoint(record), PutEvent(StoredEvent("e1", 2, b"b")),
                                      DeleteEndpoint("e2"), DeleteEvent("e1", 7)]
+
+
+async def test_runs_longer_than_one_statement_are_written_whole(path: Path,
+                                                                open_store: Callable[..., SqliteStore]) -> None:
+    store = open_store(path)
+    puts = [event(f"e{seq % 7}", seq) for seq in range(700)]  # chunks of 256, 256, 128, 32, 16, 8, 4
+    await commit(store, puts)
+    await commit(store, [DeleteEvent(f"e{seq % 7}", seq) for seq in range(0, 700, 2)])  # 350 deletes
+
+    rows = raw_rows(path, "SELECT endpoint_id, seq, payload FROM events ORDER BY seq")
+    assert rows == [(f"e{seq % 7}", seq, f"e{seq % 7}#{seq}".encode()) for seq in range(1, 700, 2)]
