@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import re
+import threading
 
 import httpx
+import pytest
 
-from config.log_output import FORMAT, JsonFormatter, TextFormatter
+from config import log_output
+from config.log_output import FORMAT, BufferedStderrHandler, JsonFormatter, TextFormatter
 from observability.context import request_id
 from observability.requests import request_id_of
-from tests.support import SECRET, RawMqtt, event, token
+from tests.support import SECRET, RawMqtt, event, token, wait_until
 
 
 def record(message: str, **extra: object) -> logging.LogRecord:
@@ -84,3 +89,52 @@ def test_json_logs_carry_the_request_id_end_to_end_with_masks_and_no_secret(make
     everything = service.stderr() + service.stdout()
     for secret in (password, bearer, SECRET, bearer.split(".")[2]):
         assert secret not in everything
+
+
+def full_pipe() -> tuple[int, int]:
+    """A pipe whose buffer is full: whoever writes to its (blocking) write end waits for a reader."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(write_end, b"." * 65536)
+    os.set_blocking(write_end, True)
+    return read_end, write_end
+
+
+def test_a_stuck_log_output_never_blocks_the_caller_and_what_it_drops_is_reported(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(log_output, "MAX_PENDING_BYTES", 10_000)
+    read_end, write_end = full_pipe()
+    handler = BufferedStderrHandler(write_end)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    warning = record("the writer is stuck from here")
+    warning.levelno, warning.levelname = logging.WARNING, "WARNING"
+
+    def log_a_burst() -> None:  # what the event loop does: it must never wait for the output
+        handler.emit(record("first"))
+        handler.emit(warning)
+        for n in range(1000):
+            handler.emit(record(f"line {n:04d} " + "y" * 90))
+
+    caller = threading.Thread(target=log_a_burst)
+    caller.start()
+    caller.join(10)
+    stuck = caller.is_alive()
+    drained = bytearray()
+
+    def drain() -> None:
+        while chunk := os.read(read_end, 65536):
+            drained.extend(chunk)
+
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        assert not stuck, "emit() waited for the log output"
+        wait_until(lambda: b"log lines were dropped" in drained, timeout=10)
+        text = drained.decode()
+        assert text.index("INFO first") < text.index("WARNING the writer is stuck") < text.index("INFO line 0000")
+        assert "line 0999" not in text  # beyond MAX_PENDING_BYTES: dropped, and counted
+    finally:
+        caller.join(10)
+        handler.close()
+        os.close(write_end)
