@@ -11,7 +11,7 @@ Why it is built this way (measured for the durability issue):
   go on their own after UNAWAITED_COMMIT_SECONDS. Waking the writer on every append made small
   commits as fast as the disk allowed, and on one core their fixed cost (about 150 us of CPU
   each, the fsync included) took a third of QoS 1 throughput; with the wake-up here the
-  durable store measured within the noise of the memory store.
+  durable store costs about 11% of it (bench/RESULTS.md, round three).
 - WAL mode, with automatic checkpoints off on the writer's connection: they made some commits
   take 10-36 ms. A second thread checkpoints on its own connection instead.
 - A failing commit (disk full, I/O error) fails only the futures waiting on that batch; its
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -190,9 +191,7 @@ STATEMENTS: dict[type, tuple[tuple[str, Callable[[Any], Params]], ...]] = {
     PutEndpoint: ((PUT_ENDPOINT, endpoint_params),),
     DeleteEndpoint: (("DELETE FROM events WHERE endpoint_id = ?", lambda c: (c.endpoint_id,)),
                      ("DELETE FROM endpoints WHERE id = ?", lambda c: (c.endpoint_id,))),
-    PutEvent: (("INSERT OR REPLACE INTO events (endpoint_id, seq, payload) VALUES (?,?,?)",
-                lambda c: (c.event.endpoint_id, c.event.seq, c.event.payload)),),
-    DeleteEvent: (("DELETE FROM events WHERE endpoint_id = ? AND seq = ?", lambda c: (c.endpoint_id, c.seq)),),
+    # PutEvent and DeleteEvent: MULTI_ROW below.
     PutIdempotency: ((PUT_IDEMPOTENCY, idempotency_params),),
     PutWebhookEvent: (("INSERT OR REPLACE INTO webhook_events (seq, body) VALUES (?,?)",
                        lambda c: (c.seq, c.body)),),
@@ -218,10 +217,10 @@ def net_changes(changes: Sequence[Change]) -> Sequence[Change]:
     return kept + [c for c in deletes if (c.endpoint_id, c.seq) not in gone]
 
 
-# Runs of events are written with one statement per chunk of rows, not one step per row: each
-# step gives the GIL up and takes it back, and while the event loop is busy every taking back
-# waits for its switch interval (5 ms), so a batch of n rows held its waiters for up to 2n of
-# them. Chunk sizes are powers of two, so that few distinct statements are prepared and cached.
+# Runs of events, the bulk of every batch, are written with one statement per chunk of rows,
+# not one executemany step per row (each step gives the GIL up and takes it back): QoS 1
+# sendEvent measured 5-14% more events/s and 3-11% less CPU. Chunk sizes are powers of two, so
+# that few distinct statements are prepared and cached.
 MAX_ROWS_PER_STATEMENT = 256
 MULTI_ROW: dict[type, tuple[str, str, str, Callable[[Any], Params]]] = {
     # kind: (statement head, one row's placeholders, statement tail, the row's parameters)
@@ -232,6 +231,7 @@ MULTI_ROW: dict[type, tuple[str, str, str, Callable[[Any], Params]]] = {
 }
 
 
+@functools.cache  # at most 9 sizes per kind
 def _multi_row_sql(kind: type, rows: int) -> str:
     head, row, tail, _ = MULTI_ROW[kind]
     return head + ",".join([row] * rows) + tail
