@@ -92,6 +92,7 @@ class PingReceived:
 
 PING_RECEIVED = PingReceived()  # it carries nothing: one instance serves every PINGREQ
 
+
 @dataclass(frozen=True, slots=True)
 class QosTwoAckReceived:
     """PUBREL (already answered with PUBCOMP), PUBREC or PUBCOMP: nothing to do but count it."""
@@ -290,9 +291,7 @@ class MqttConnection:
         if len(buffer) >= 2 and buffer[0] == 0xC0 and buffer[1] == 0 and self.phase is Phase.CONNECTED:
             del buffer[:2]
             self._counters.packets_in[codec.PINGREQ] += 1
-            self._queue(codec.PINGRESP_BYTES)
-            self._counters.packets_out[codec.PINGRESP] += 1
-            return PING_RECEIVED
+            return self._answer_ping()
         awaiting_connect = self.phase is Phase.AWAITING_CONNECT
         if awaiting_connect and buffer and buffer[0] >> 4 != codec.CONNECT:
             raise ProtocolViolation("the first packet must be CONNECT")
@@ -321,13 +320,16 @@ class MqttConnection:
         return ConnectRequest(connect.client_id, connect.username, connect.password, connect.keep_alive,
                               connect.clean_session)
 
+    def _answer_ping(self) -> PingReceived:
+        self._queue(codec.PINGRESP_BYTES)
+        self._counters.packets_out[codec.PINGRESP] += 1
+        return PING_RECEIVED
+
     def _on_packet(self, packet_type: int, flags: int, body: bytes) -> Event:
         sent = self._counters.packets_out
         if packet_type == codec.PINGREQ:
             codec.decode_empty(packet_type, flags, body)
-            self._queue(codec.PINGRESP_BYTES)
-            sent[codec.PINGRESP] += 1
-            return PING_RECEIVED
+            return self._answer_ping()
         if packet_type == codec.PUBACK:
             return PubackReceived(codec.decode_packet_id_only(packet_type, flags, body))
         if packet_type == codec.SUBSCRIBE:
