@@ -83,9 +83,7 @@ class EndpointPlugin(BasePlugin[BrokerContext]):
             self.service.stats.auth_failed("missing", "mqtt")
             return ConnectVerdict(codec.BAD_USERNAME_OR_PASSWORD, "a username and a token password are required")
         try:
-            # Not cached: each connected endpoint's own token would cost it about 0.5 KB, for
-            # a reconnect that rarely reuses it (REST keepalives, which do, are cached).
-            principal = self.service.verifier.verify(password, remember=False)
+            principal = self.service.authenticate_connect(password)
             endpoint, session_present = self.service.connect(
                 principal, client_id, keep_alive, link, persistent_session=not clean_session
             )

@@ -104,6 +104,16 @@ def test_a_bearer_token_gives_its_principal(endpoint_service: EndpointService, t
     assert (principal.user_id, principal.organization_id, principal.is_service) == ("alice", "acme", False)
 
 
+def test_a_connect_token_is_verified_but_not_cached_and_a_bearer_token_is(endpoint_service: EndpointService) -> None:
+    connect_token, bearer_token = token("alice", "acme"), token("bob", "acme")
+
+    assert endpoint_service.authenticate_connect(connect_token).user_id == "alice"
+    assert endpoint_service.authenticate_bearer(f"Bearer {bearer_token}").user_id == "bob"
+
+    cache = endpoint_service.verifier._cache  # type: ignore[attr-defined]
+    assert connect_token not in cache and bearer_token in cache
+
+
 # ------------------------------------------------------------------ register
 
 
