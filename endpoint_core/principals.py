@@ -21,7 +21,8 @@ from jwt.algorithms import HMACAlgorithm
 from endpoint_core.errors import NotAuthenticated
 from endpoint_core.ids import identity_problem
 
-HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+_HMAC_HASHES = {"HS256": HMACAlgorithm.SHA256, "HS384": HMACAlgorithm.SHA384, "HS512": HMACAlgorithm.SHA512}
+HMAC_ALGORITHMS = frozenset(_HMAC_HASHES)
 
 
 class _CheckedHmac(HMACAlgorithm):
@@ -46,8 +47,7 @@ class _CheckedHmac(HMACAlgorithm):
 def _decoder() -> jwt.PyJWT:
     decoder = jwt.PyJWT()
     jws = decoder._jws  # PyJWT has no public way to give a PyJWT its algorithms
-    for name, hash_alg in (("HS256", _CheckedHmac.SHA256), ("HS384", _CheckedHmac.SHA384),
-                           ("HS512", _CheckedHmac.SHA512)):
+    for name, hash_alg in _HMAC_HASHES.items():
         jws.unregister_algorithm(name)
         jws.register_algorithm(name, _CheckedHmac(hash_alg))
     return decoder
