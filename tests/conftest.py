@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from tests.redis_support import RedisServer
 from tests.support import ServiceProcess
 
 
@@ -37,3 +38,13 @@ def make_service() -> Iterator[Callable[..., ServiceProcess]]:
 def unique() -> str:
     """A suffix that keeps a test's users, organisations and endpoint ids apart from other tests'."""
     return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server of the test's own: free port, own data dir, AOF fsynced on every write."""
+    server = RedisServer()
+    try:
+        yield server.start()
+    finally:
+        server.close()
