@@ -233,6 +233,35 @@ class MqttLink:
             keep_alive=request.keep_alive,
             clean_session=request.clean_session,
         )
+        if isinstance(verdict, asyncio.Future):
+            self._await_verdict(verdict, request, created, journalled)
+            return
+        self._settle_connect(verdict, request, created, journalled)
+
+    def _await_verdict(self, verdict: asyncio.Future[ConnectVerdict], request: ConnectRequest, created: bool,
+                       journalled: int) -> None:
+        """A cluster node's verdict comes once Redis answered; the connection holds what arrives meanwhile."""
+
+        def resume(future: asyncio.Future[ConnectVerdict]) -> None:
+            try:
+                decided = future.result()
+            except Exception:
+                log.exception("refusing %s (%s): internal error while deciding a CONNECT", self._name(), self.peer)
+                if not (self._ended or self._connection.closed):
+                    self._connection.refuse(codec.SERVER_UNAVAILABLE, "internal error")
+                    self._flush()
+                return
+            if self._ended or self._connection.closed:
+                if decided.endpoint is not None:  # granted to a connection that is gone: detach at once
+                    self._host.table.disconnect(decided.endpoint, self, DisconnectReason.DROPPED)
+                return
+            self._settle_connect(decided, request, created, journalled)
+            self._process()
+
+        verdict.add_done_callback(resume)
+
+    def _settle_connect(self, verdict: ConnectVerdict, request: ConnectRequest, created: bool,
+                        journalled: int) -> None:
         if verdict.code != codec.ACCEPTED:
             self._host.log_refused_connect(self, request.client_id, verdict.code, verdict.reason)
             self._connection.refuse(verdict.code, verdict.reason)

@@ -15,6 +15,8 @@ packet, a PUBACK, an UNSUBSCRIBE, a detach) go from the link to the table direct
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +25,7 @@ from amqtt.plugins.base import BasePlugin
 
 from broker_plugin import codec
 from endpoint_core.endpoint import EndpointLink, UserEndpoint
-from endpoint_core.errors import Conflict, DomainError, Forbidden, NotAuthenticated, RateLimited
+from endpoint_core.errors import Conflict, DomainError, Forbidden, NotAuthenticated, RateLimited, Unavailable
 from endpoint_core.feeds import is_lifecycle_filter
 from endpoint_core.ids import endpoint_id_problem
 from endpoint_core.principals import Principal
@@ -67,14 +69,15 @@ class EndpointPlugin(BasePlugin[BrokerContext]):
         password: str | None,
         keep_alive: int,
         clean_session: bool,
-    ) -> ConnectVerdict:
-        """Decide a CONNECT, before any CONNACK is written.
+    ) -> ConnectVerdict | asyncio.Future[ConnectVerdict]:
+        """Decide a CONNECT, before any CONNACK is written (in a cluster, once Redis has answered).
 
         May: register a new endpoint or attach `link` to the caller's existing one
         (closing the link it replaces). Must not: touch any other endpoint. On
         refusal nothing has changed, and nothing is left in the broker. Codes:
         2 for a client id that is not an endpoint id, 4 for missing or bad
-        credentials, 5 for an id that is not the caller's to use.
+        credentials, 5 for an id that is not the caller's to use, 3 when the service
+        cannot decide now (a rate limit, or the cluster's Redis is unreachable).
         """
         problem = endpoint_id_problem(client_id) if client_id else "must not be empty"
         if problem is not None:
@@ -84,19 +87,36 @@ class EndpointPlugin(BasePlugin[BrokerContext]):
             return ConnectVerdict(codec.BAD_USERNAME_OR_PASSWORD, "a username and a token password are required")
         try:
             principal = self.service.authenticate_connect(password)
-            endpoint, session_present = self.service.connect(
+            attached = self.service.connect(
                 principal, client_id, keep_alive, link, persistent_session=not clean_session
             )
-        except NotAuthenticated as exc:
+        except DomainError as exc:
+            return self._refusal(exc)
+        if isinstance(attached, asyncio.Future):
+            # A cluster node (cluster.service) asks Redis first: the verdict follows its answer.
+            return _chain(attached, lambda done: self._verdict(done, principal))
+        endpoint, session_present = attached
+        return ConnectVerdict(codec.ACCEPTED, "", endpoint, principal, session_present)
+
+    def _verdict(self, attached: asyncio.Future[tuple[UserEndpoint, bool]], principal: Principal) -> ConnectVerdict:
+        exc = attached.exception()
+        if isinstance(exc, DomainError):
+            return self._refusal(exc)
+        if exc is not None:
+            raise exc
+        endpoint, session_present = attached.result()
+        return ConnectVerdict(codec.ACCEPTED, "", endpoint, principal, session_present)
+
+    def _refusal(self, exc: DomainError) -> ConnectVerdict:
+        """The CONNACK code of a refused CONNECT (see on_connect)."""
+        if isinstance(exc, NotAuthenticated):
             self.service.stats.auth_failed(exc.reason, "mqtt")
             return ConnectVerdict(codec.BAD_USERNAME_OR_PASSWORD, exc.detail)
-        except (Conflict, Forbidden) as exc:
+        if isinstance(exc, (Conflict, Forbidden)):
             return ConnectVerdict(codec.NOT_AUTHORIZED, exc.detail)
-        except RateLimited as exc:
+        if isinstance(exc, (RateLimited, Unavailable)):
             return ConnectVerdict(codec.SERVER_UNAVAILABLE, exc.detail)
-        except DomainError as exc:
-            return ConnectVerdict(codec.IDENTIFIER_REJECTED, exc.detail)
-        return ConnectVerdict(codec.ACCEPTED, "", endpoint, principal, session_present)
+        return ConnectVerdict(codec.IDENTIFIER_REJECTED, exc.detail)
 
     def on_subscribe(self, link: EndpointLink, endpoint: UserEndpoint, topic_filter: str, qos: int,
                      principal: Principal) -> int:
@@ -124,3 +144,22 @@ class EndpointPlugin(BasePlugin[BrokerContext]):
             return False
         self.service.relay(endpoint, topic, payload)
         return True
+
+
+Attached = asyncio.Future[tuple[UserEndpoint, bool]]
+
+
+def _chain(future: Attached, verdict: Callable[[Attached], ConnectVerdict]) -> asyncio.Future[ConnectVerdict]:
+    """A future of the verdict that `verdict` makes of `future` once it is done."""
+    chained: asyncio.Future[ConnectVerdict] = asyncio.get_running_loop().create_future()
+
+    def done(attached: Attached) -> None:
+        if chained.cancelled():
+            return
+        try:
+            chained.set_result(verdict(attached))
+        except BaseException as exc:
+            chained.set_exception(exc)
+
+    future.add_done_callback(done)
+    return chained

@@ -13,6 +13,7 @@ Access rules, in one place:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Mapping
@@ -31,7 +32,7 @@ from endpoint_core.journal import PutIdempotency, Store, StoreUnavailable
 from endpoint_core.logtext import loggable
 from endpoint_core.principals import Principal, TokenVerifier
 from endpoint_core.ratelimit import RateLimitPolicy, TokenBuckets
-from endpoint_core.table import EndpointTable
+from endpoint_core.table import DeliveryReport, EndpointTable
 
 log = logging.getLogger("endpoint_broker.service")
 
@@ -123,8 +124,18 @@ class EndpointService:
     # ------------------------------------------------------------ REST
 
     def register(self, principal: Principal, body: object) -> UserEndpoint:
-        self._register_limit.take(_caller(principal), "registrations")
-        command = _object(body)
+        keep_alive, reminder, endpoint_id = self._register_command(principal, body)
+        endpoint, created = self.table.register(
+            principal.user_id, principal.organization_id, endpoint_id, keep_alive, reminder
+        )
+        log.info("endpoint %s %s by user %s", endpoint.id, "registered" if created else "re-registered",
+                 principal.user_id)
+        return endpoint
+
+    def _register_command(self, principal: Principal, body: object) -> tuple[int, bool, Any]:
+        """(keepAliveSeconds, serverKeepAliveReminderOn, userEndpointId as given) of a register body."""
+        self._register_limit.take(caller_of(principal), "registrations")
+        command = object_of(body)
         keep_alive = command.get("keepAliveSeconds")
         if isinstance(keep_alive, bool) or not isinstance(keep_alive, int):
             raise InvalidInput("keepAliveSeconds is required and must be an integer", "keepAliveSeconds")
@@ -133,27 +144,40 @@ class EndpointService:
             reminder = False
         if not isinstance(reminder, bool):
             raise InvalidInput("serverKeepAliveReminderOn must be a boolean", "serverKeepAliveReminderOn")
-        endpoint, created = self.table.register(
-            principal.user_id, principal.organization_id, command.get("userEndpointId"), keep_alive, reminder
-        )
-        log.info("endpoint %s %s by user %s", endpoint.id, "registered" if created else "re-registered",
-                 principal.user_id)
-        return endpoint
+        return keep_alive, reminder, command.get("userEndpointId")
 
     def keepalive(self, principal: Principal, body: object) -> None:
-        endpoint = self._visible(principal, _endpoint_id_of(_object(body)))
+        endpoint = self._visible(principal, endpoint_id_of(object_of(body)))
         self.table.keepalive(endpoint)
 
     def unregister(self, principal: Principal, body: object) -> None:
-        command = _object(body)
-        endpoint = self._visible(principal, _endpoint_id_of(command))
-        reason = command.get("reason")
-        if reason is not None and not isinstance(reason, str):
-            raise InvalidInput("reason must be a string", "reason")
-        block = command.get("block", False)
-        if not isinstance(block, bool):
-            raise InvalidInput("block must be a boolean", "block")
-        self.table.remove(endpoint, RemovalReason.UNREGISTERED, loggable(reason, 200) if reason else "", block=block)
+        command = object_of(body)
+        endpoint = self._visible(principal, endpoint_id_of(command))  # a 404 before a bad reason's 400
+        reason, block = unregister_options(command)
+        self.table.remove(endpoint, RemovalReason.UNREGISTERED, reason, block=block)
+
+    # ---------------------------------------------- what the REST routes answer
+    # Each waits for what the contract promises is stored. A cluster node (cluster.service)
+    # answers the same from Redis, so these are the routes' only way in.
+
+    async def answer_register(self, principal: Principal, body: object) -> str:
+        endpoint = self.register(principal, body)
+        await self.committed()
+        return endpoint.id
+
+    async def answer_keepalive(self, principal: Principal, body: object) -> None:
+        self.keepalive(principal, body)  # keepalives are never stored: a restart gives a fresh deadline
+
+    async def answer_unregister(self, principal: Principal, body: object) -> None:
+        self.unregister(principal, body)
+        await self.committed()
+
+    async def answer_get(self, principal: Principal, endpoint_id: str) -> dict[str, Any]:
+        return self.table.view(self.get(principal, endpoint_id))
+
+    async def answer_list(self, principal: Principal, user_id: str | None, organization_id: str | None
+                          ) -> list[dict[str, Any]]:
+        return [self.table.view(e) for e in self.list(principal, user_id, organization_id)]
 
     def get(self, principal: Principal, endpoint_id: str) -> UserEndpoint:
         return self._visible(principal, endpoint_id)
@@ -225,8 +249,8 @@ class EndpointService:
         """(endpoints that took the event, whether any of them journalled it)."""
         qos = 2  # unknown until the body is read
         try:
-            self._send_event_limit.take(_caller(principal), "events")
-            command = parse_send_event(_object(body))
+            self._send_event_limit.take(caller_of(principal), "events")
+            command = parse_send_event(object_of(body))
             qos = command.qos
             delivered, journalled = self._deliver_event(principal, command)
         except DomainError:
@@ -244,18 +268,17 @@ class EndpointService:
                 or endpoint.user_id != command.user_id
                 or endpoint.organization_id != organization_id
             ):
-                raise NotFound(
-                    "userEndpointId is not an endpoint of this user in this organisation", "userEndpointId"
-                )
+                raise not_an_endpoint_of_user()
             targets = [endpoint]
         else:
             targets = self.table.endpoints_of(organization_id, command.user_id)
-        try:
-            payload = orjson.dumps(command.event)
-        except orjson.JSONEncodeError:
-            # orjson reads JSON nested up to 1024 levels but writes at most 254.
-            raise InvalidInput("event is nested too deeply (at most 254 levels)", "event") from None
+        payload = event_payload(command)
         report = self.table.deliver(targets, payload, command.qos)
+        return self._delivered(command, organization_id, payload, report), command.qos == 1 and report.delivered > 0
+
+    @staticmethod
+    def _delivered(command: SendEventCommand, organization_id: str, payload: bytes, report: DeliveryReport) -> int:
+        """Log a delivery and return its count; Unavailable (503) if every target's queue was full."""
         if report.full:
             log.warning(
                 "sendEvent %s: queue full, event not taken by endpoint(s) %s",
@@ -276,7 +299,7 @@ class EndpointService:
             raise Unavailable(
                 "no targeted endpoint could take the event: their queues are full", "userEndpointId"
             )
-        return report.delivered, command.qos == 1 and report.delivered > 0
+        return report.delivered
 
     # ------------------------------------------------------------ MQTT
 
@@ -287,9 +310,12 @@ class EndpointService:
         mqtt_keep_alive: int,
         link: EndpointLink,
         persistent_session: bool,
-    ) -> tuple[UserEndpoint, bool]:
+    ) -> tuple[UserEndpoint, bool] | asyncio.Future[tuple[UserEndpoint, bool]]:
         """Attach an MQTT connection. It lives only until the token's `exp`, so a token
-        already past it (accepted by the verifier's clock-skew leeway) is refused."""
+        already past it (accepted by the verifier's clock-skew leeway) is refused.
+
+        Answers at once here; a cluster node (cluster.service) answers with a future, once
+        Redis has decided."""
         if principal.expires_at <= time.time():
             raise NotAuthenticated("token has expired", "Authorization", "expired")
         self._connect_limit.take(endpoint_id, "CONNECTs for this client id")
@@ -338,18 +364,42 @@ class EndpointService:
         return principal.organization_id
 
 
-def _caller(principal: Principal) -> tuple[str, str | None, bool]:
+def event_payload(command: SendEventCommand) -> bytes:
+    """The event as every endpoint receives it."""
+    try:
+        return orjson.dumps(command.event)
+    except orjson.JSONEncodeError:
+        # orjson reads JSON nested up to 1024 levels but writes at most 254.
+        raise InvalidInput("event is nested too deeply (at most 254 levels)", "event") from None
+
+
+def not_an_endpoint_of_user() -> NotFound:
+    return NotFound("userEndpointId is not an endpoint of this user in this organisation", "userEndpointId")
+
+
+def caller_of(principal: Principal) -> tuple[str, str | None, bool]:
     """Whose bucket a request takes from: the user in its organisation, or the SERVICE client."""
     return principal.user_id, principal.organization_id, principal.is_service
 
 
-def _object(body: object) -> Mapping[str, Any]:
+def object_of(body: object) -> Mapping[str, Any]:
     if not isinstance(body, Mapping):
         raise InvalidInput("the request body must be a JSON object", "body")
     return body
 
 
-def _endpoint_id_of(command: Mapping[str, Any]) -> str:
+def unregister_options(command: Mapping[str, Any]) -> tuple[str, bool]:
+    """(reason as it may be logged, block) of an unregister body."""
+    reason = command.get("reason")
+    if reason is not None and not isinstance(reason, str):
+        raise InvalidInput("reason must be a string", "reason")
+    block = command.get("block", False)
+    if not isinstance(block, bool):
+        raise InvalidInput("block must be a boolean", "block")
+    return loggable(reason, 200) if reason else "", block
+
+
+def endpoint_id_of(command: Mapping[str, Any]) -> str:
     endpoint_id = command.get("userEndpointId")
     if endpoint_id is None:
         raise InvalidInput("userEndpointId is required", "userEndpointId")

@@ -37,29 +37,24 @@ Command = Callable[[EndpointService, Principal, object, dict[bytes, bytes]], Awa
 async def register(service: EndpointService, principal: Principal, body: object,
                    headers: dict[bytes, bytes]) -> tuple[int, bytes | None]:
     """RegisterUserEndpointWebCommand: the answer is the id as a JSON string."""
-    endpoint = service.register(principal, body)
-    await service.committed()
-    return 200, orjson.dumps(endpoint.id)
+    return 200, orjson.dumps(await service.answer_register(principal, body))
 
 
 async def register_ios(service: EndpointService, principal: Principal, body: object,
                        headers: dict[bytes, bytes]) -> tuple[int, bytes | None]:
     """The iOS variant: `{"id": ...}`. Its documented query parameters are ignored."""
-    endpoint = service.register(principal, body)
-    await service.committed()
-    return 200, orjson.dumps({"id": endpoint.id})
+    return 200, orjson.dumps({"id": await service.answer_register(principal, body)})
 
 
 async def keepalive(service: EndpointService, principal: Principal, body: object,
                     headers: dict[bytes, bytes]) -> tuple[int, bytes | None]:
-    service.keepalive(principal, body)  # keepalives are never stored: a restart gives a fresh deadline
+    await service.answer_keepalive(principal, body)
     return 204, None
 
 
 async def unregister(service: EndpointService, principal: Principal, body: object,
                      headers: dict[bytes, bytes]) -> tuple[int, bytes | None]:
-    service.unregister(principal, body)
-    await service.committed()
+    await service.answer_unregister(principal, body)
     return 204, None
 
 

@@ -40,16 +40,14 @@ class ByMethod:
 async def list_endpoints(request: Request) -> Response:
     principal = principal_of(request)
     query = request.query_params
-    endpoints = service_of(request).list(
+    return json_response(await service_of(request).answer_list(
         principal, query.get("userId") or None, query.get("organizationId") or None
-    )
-    return json_response([service_of(request).table.view(e) for e in endpoints])
+    ))
 
 
 async def get_endpoint(request: Request) -> Response:
     principal = principal_of(request)
-    endpoint = service_of(request).get(principal, request.path_params["endpoint_id"])
-    return json_response(service_of(request).table.view(endpoint))
+    return json_response(await service_of(request).answer_get(principal, request.path_params["endpoint_id"]))
 
 
 async def healthz(request: Request) -> Response:
@@ -65,6 +63,8 @@ async def healthz(request: Request) -> Response:
             "store": "ok" if store.healthy else "failing",
             "endpoints": len(service_of(request).table),
             **mqtt.stats(),
+            # A cluster node's store (cluster.node) says which node this is and whether Redis answers.
+            **({"cluster": store.health()} if hasattr(store, "health") else {}),
         })
     return problem(503, "Not ready", "the MQTT broker is not accepting connections")
 
