@@ -4,11 +4,13 @@
     python run_broker.py [--host H] [--mqtt-port P] [--http-port P] [--config FILE] [--log-level L]
                          [--log-format text|json] [--metrics-port P] [--metrics-enabled | --no-metrics]
                          [--tls-cert FILE --tls-key FILE [--mqtts-port P] [--tls-client-ca FILE]]
+                         [--redis-url redis://HOST:PORT/DB [--node-id ID]]
     python run_broker.py token --user U --org O [--role SERVICE] [--ttl SECONDS]
     python run_broker.py genconfig > config.yaml
 
 With --tls-cert and --tls-key the HTTP port serves HTTPS (and wss:// at /ws) and MQTT over TLS
-listens on --mqtts-port; SIGHUP reloads the certificate and key.
+listens on --mqtts-port; SIGHUP reloads the certificate and key. With --redis-url the process
+is a node of a cluster whose endpoint table is in Redis (README, "Cluster").
 
 Every setting also has an environment variable (ENDPOINT_BROKER_<NAME>); see config/settings.py.
 """
@@ -40,7 +42,7 @@ from config.log_output import configure_logging
 from config.tls import ServerTls, TlsFiles
 from endpoint_core.feeds import LifecycleFeeds
 from endpoint_core.idempotency import IdempotencyKeys
-from endpoint_core.journal import Store
+from endpoint_core.journal import Snapshot, Store
 from endpoint_core.principals import ClaimNames, JwtVerifier, mint_token
 from endpoint_core.service import EndpointService
 from endpoint_core.table import EndpointTable
@@ -128,13 +130,20 @@ def build_app(settings: Settings, tls: ServerTls | None = None) -> Starlette:
     """Wire the domain core, the store, the broker and the bridge together."""
     dev_secret = dev_secret_of(settings) if settings.dev_mode else None
     verifier = build_verifier(settings, dev_secret)
-    store = open_store(settings)
-    snapshot = store.load()
-    table = EndpointTable(settings.table_policy(), journal=store)
     idempotency = IdempotencyKeys(settings.idempotency_window_seconds)
-    idempotency.restore(snapshot.idempotency)
     feeds = LifecycleFeeds(settings.lifecycle_mqtt_queue_max_events, settings.ack_timeout_seconds)
-    service = EndpointService(table, verifier, store, idempotency, limits=settings.rate_limit_policy(), feeds=feeds)
+    if settings.redis_url:
+        service: EndpointService = build_cluster_service(settings, verifier, idempotency, feeds)
+        store: Store = service.store  # type: ignore[assignment]
+        snapshot = Snapshot()
+        table = service.table
+    else:
+        store = open_store(settings)
+        snapshot = store.load()
+        table = EndpointTable(settings.table_policy(), journal=store)
+        idempotency.restore(snapshot.idempotency)
+        service = EndpointService(table, verifier, store, idempotency, limits=settings.rate_limit_policy(),
+                                  feeds=feeds)
     webhook = None
     if settings.lifecycle_webhook_url:
         webhook = WebhookSender(settings.lifecycle_webhook_url, settings.lifecycle_webhook_secret,
@@ -173,6 +182,25 @@ def build_app(settings: Settings, tls: ServerTls | None = None) -> Starlette:
                       metrics_port=settings.metrics_port, metrics_host=settings.host,
                       webhook=webhook,
                       dashboard=DashboardPolicy(settings.dashboard_max_streams, settings.dashboard_stream_queue_events))
+
+
+def build_cluster_service(settings: Settings, verifier: JwtVerifier, idempotency: IdempotencyKeys,
+                          feeds: LifecycleFeeds) -> EndpointService:
+    """A node of the cluster in settings.redis_url: its table holds only what its connections need."""
+    from cluster.directory import Directory  # noqa: PLC0415 - redis is imported only by nodes
+    from cluster.node import ClusterNode  # noqa: PLC0415
+    from cluster.service import ClusterService  # noqa: PLC0415
+    from cluster.table import ClusterTable  # noqa: PLC0415
+
+    assert settings.redis_url is not None
+    policy = settings.table_policy()
+    table = ClusterTable(policy)
+    node_id = settings.node_id or f"{socket.gethostname()}-{os.getpid()}"
+    node = ClusterNode(Directory(settings.redis_url, policy), table, node_id,
+                       node_ttl_seconds=settings.cluster_node_ttl_seconds)
+    log.info("cluster node %s of %s", node_id, settings.redis_url.split("@")[-1])
+    return ClusterService(table, node, verifier, idempotency=idempotency, limits=settings.rate_limit_policy(),
+                          feeds=feeds)
 
 
 def print_dev_banner(settings: Settings, dev_secret: str) -> None:
@@ -366,6 +394,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--tls-client-ca", metavar="FILE",
                         help="PEM CA certificates; MQTT over TLS then requires a client certificate they signed "
                              "(ENDPOINT_BROKER_TLS_CLIENT_CA)")
+    parser.add_argument("--redis-url", metavar="URL",
+                        help="redis://HOST:PORT/DB: run as a node of the cluster that this Redis database "
+                             "defines (ENDPOINT_BROKER_REDIS_URL)")
+    parser.add_argument("--node-id", help="this node's name in the cluster (ENDPOINT_BROKER_NODE_ID, "
+                                          "default <hostname>-<pid>)")
     commands = parser.add_subparsers(dest="command")
     token = commands.add_parser("token", help="mint a token with the configured HS256 secret")
     token.add_argument("--user", required=True, help="the userId claim")
@@ -391,7 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "log_level": args.log_level, "mqtts_port": args.mqtts_port, "tls_cert": args.tls_cert,
                  "tls_key": args.tls_key, "tls_client_ca": args.tls_client_ca, "data_dir": args.data_dir,
                  "store": args.store, "log_format": args.log_format, "metrics_port": args.metrics_port,
-                 "metrics_enabled": args.metrics_enabled}
+                 "metrics_enabled": args.metrics_enabled, "redis_url": args.redis_url, "node_id": args.node_id}
     try:
         settings = load_settings(os.environ, getattr(args, "token_config", None) or args.config, overrides)
         if args.command == "token":

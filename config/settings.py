@@ -5,7 +5,7 @@ ENDPOINT_BROKER_CONFIG), the environment (ENDPOINT_BROKER_<FIELD NAME>), then
 command-line flags. Every field can be set in YAML (by its name) and in the
 environment; the flags are --host, --mqtt-port, --http-port, --mqtts-port,
 --tls-cert, --tls-key, --tls-client-ca, --config, --log-level, --log-format
---metrics-port and --metrics-enabled/--no-metrics.
+--metrics-port, --metrics-enabled/--no-metrics, --redis-url and --node-id.
 """
 
 from __future__ import annotations
@@ -104,6 +104,12 @@ class Settings:
     store_synchronous: str = "full"
     store_max_bytes: int = 0  # 0: no bound but the disk's
     idempotency_window_seconds: float = DEFAULT_WINDOW_SECONDS
+    # Cluster (README "Cluster"): with a Redis URL, this process is a node of the cluster that the Redis
+    # database defines, and Redis holds the endpoint table instead of the embedded store.
+    redis_url: str | None = None
+    node_id: str | None = None  # default: <hostname>-<pid>
+    # A node whose heartbeat Redis has not seen for this long is taken for dead: its endpoints are released.
+    cluster_node_ttl_seconds: float = 5.0
     # SIGTERM/SIGINT: the drain (requests in flight, the journal, MQTT connections) takes at most this.
     shutdown_timeout_seconds: float = 10.0
 
@@ -203,6 +209,7 @@ class Settings:
             except re.error as exc:
                 raise ConfigError(f"endpoint_id_pattern is not a regular expression: {exc}") from None
         self._check_lifecycle()
+        self._check_cluster()
         if self.jwt_public_key_file and not Path(self.jwt_public_key_file).is_file():
             raise ConfigError(f"jwt_public_key_file {self.jwt_public_key_file!r} does not exist")
 
@@ -215,6 +222,21 @@ class Settings:
         if self.metrics_port and not self.metrics_enabled:
             raise ConfigError(f"metrics_port is {self.metrics_port} but metrics_enabled is false: there are no "
                               "metrics to serve; unset metrics_port or turn metrics on")
+
+    def _check_cluster(self) -> None:
+        if self.redis_url is None:
+            if self.node_id is not None:
+                raise ConfigError("node_id is set but redis_url is not: a node id names a node of a cluster")
+            return
+        if not re.match(r"rediss?://", self.redis_url):
+            raise ConfigError("redis_url must be a redis:// (or rediss://) URL, e.g. redis://127.0.0.1:6379/0")
+        if self.dev_mode:
+            raise ConfigError("redis_url needs jwt_secret or jwt_public_key_file: every node must accept the "
+                              "tokens of the others, and dev mode's secret is one process's own")
+        if self.node_id is not None and not re.fullmatch(r"[A-Za-z0-9._-]{1,100}", self.node_id):
+            raise ConfigError("node_id must be 1 to 100 letters, digits, '.', '_' or '-'")
+        if self.cluster_node_ttl_seconds < 2:
+            raise ConfigError("cluster_node_ttl_seconds must be at least 2 (nodes send a heartbeat every second)")
 
     def _check_lifecycle(self) -> None:
         url = self.lifecycle_webhook_url

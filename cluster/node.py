@@ -1,0 +1,474 @@
+"""One node of the cluster: its Store, its heartbeat, its share of expiry, and its mailbox.
+
+`ClusterNode` is the node's `Store` (endpoint_core.journal): what a held copy changes
+(subscriptions, acknowledged events) goes to Redis through fenced scripts, and
+`committed()` says when, exactly as the SQLite store says it for its file. It also runs:
+
+- the heartbeat (`heartbeat_seconds`): the node's entry in `eb:nodes`, the Redis clock,
+  and the cluster epoch, whose change means Redis came back empty: the node then
+  registers again, as UNKNOWN, the endpoints whose connections it holds;
+- the sweep (`sweep_seconds`): every node runs cluster.scripts.SWEEP, which turns SICK,
+  expires and releases the endpoints of nodes silent for `node_ttl_seconds`, each once,
+  and this node emits the lifecycle events of the transitions it made;
+- the leases (`lease_tick_seconds`): keepalives are written sparingly. A keepalive is
+  written when the one Redis has is older than a third of the period (`LEASE_FRACTION`),
+  so Redis lags by at most a third of a period plus a tick, and no endpoint turns SICK
+  early; that is at most about three writes per period per endpoint, however often its
+  client sends packets;
+- the mailbox: channel `eb:node:{node}` carries "close" (another node took the endpoint
+  over, unregistered or expired it), "wake" (QoS 1 events were queued for it), "event"
+  (a QoS 0 event), "sick" and "refresh" (its settings changed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import secrets
+import time
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+import orjson
+from redis.exceptions import RedisError
+
+from cluster.directory import Argument, ClusterUnavailable, Directory, EndpointEntry, entry_of, stream_id, text
+from cluster.table import ClusterTable
+from endpoint_core.clock import Clock, monotonic
+from endpoint_core.endpoint import DisconnectReason, EndpointState, RemovalReason, UserEndpoint
+from endpoint_core.journal import Change, DeleteEvent, PutEndpoint, Snapshot, StoreStats, StoreUnavailable
+from endpoint_core.lifecycle import LifecycleType
+
+log = logging.getLogger("endpoint_broker.cluster")
+
+LEASE_FRACTION = 1 / 3
+# Endpoints one sweep looks at, at most: the rest waits for the next sweep, not the loop.
+SWEEP_LIMIT = 500
+
+CLOSE_REASONS = {
+    "taken over": DisconnectReason.TAKEN_OVER,
+    "unregistered": DisconnectReason.UNREGISTERED,
+    "expired": DisconnectReason.EXPIRED,
+    "disconnected": DisconnectReason.CLEAN,
+}
+
+
+class ClusterNode:
+    def __init__(self, directory: Directory, table: ClusterTable, node_id: str, *,
+                 heartbeat_seconds: float = 1.0, node_ttl_seconds: float = 5.0, sweep_seconds: float = 0.5,
+                 lease_tick_seconds: float = 0.25, clock: Clock = monotonic) -> None:
+        self.directory = directory
+        self.table = table
+        self.node_id = node_id
+        self.channel = f"eb:node:{node_id}"
+        self.heartbeat_seconds = heartbeat_seconds
+        self.node_ttl_seconds = node_ttl_seconds
+        self.sweep_seconds = sweep_seconds
+        self.lease_tick_seconds = lease_tick_seconds
+        self._clock = clock
+        self._stats = StoreStats()
+        self.redis_ok = False
+        self.cluster_epoch: str | None = None
+        self._listed = False  # whether a heartbeat of ours was ever seen in eb:nodes
+        self._offset = 0.0  # Redis time minus our clock
+        # Journal: changes waiting for the writer, and the futures of whoever waits for them.
+        self._pending: list[tuple[Change, int]] = []
+        self._waiters: list[asyncio.Future[None]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Leases: held endpoints with keepalives Redis does not have yet, and when each was written.
+        self._dirty: dict[str, UserEndpoint] = {}
+        self._urgent: set[str] = set()
+        self._written: dict[str, float] = {}
+        # REST keepalives this node answered without writing: id -> (Redis time, our clock when due).
+        self._deferred: dict[str, tuple[float, float]] = {}
+        # Detaches Redis did not take yet (it was down): id -> (epoch, clean, Redis time of last keepalive).
+        self._undetached: dict[str, tuple[int, bool, float]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._detaching: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        table.journal_to(self)
+        table.on_keepalive = self._touched
+        table.on_detach = self._detached
+
+    # ------------------------------------------------------------ Store
+
+    def load(self) -> Snapshot:
+        return Snapshot()  # Redis is the table: nothing to restore into memory
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        for job in (self._heartbeats(), self._sweeps(), self._leases(), self._mailbox()):
+            self._spawn(job)
+
+    def append(self, changes: Sequence[Change]) -> None:
+        for change in changes:
+            endpoint_id = change.record.id if isinstance(change, PutEndpoint) else \
+                change.endpoint_id if isinstance(change, DeleteEvent) else None
+            epoch = None if endpoint_id is None else self.table.epochs.get(endpoint_id)
+            if epoch is not None:
+                self._pending.append((change, epoch))
+        if self._pending and self._writer is None:
+            self._writer = self._spawn(self._write())
+
+    def committed(self) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = (self._loop or asyncio.get_running_loop()).create_future()
+        if not self._pending and self._writer is None:
+            future.set_result(None)
+        else:
+            self._waiters.append(future)
+        return future
+
+    @property
+    def healthy(self) -> bool:
+        return self.redis_ok
+
+    @property
+    def stats(self) -> StoreStats:
+        return self._stats
+
+    async def close(self) -> None:
+        """Finish the writes and detaches in flight, leave the cluster, and stop."""
+        self._stopping = True
+        in_flight = [task for task in (self._writer, *self._detaching) if task is not None]
+        if in_flight:
+            await asyncio.wait(in_flight, timeout=5)
+        with contextlib.suppress(RedisError, OSError):
+            await self.directory.redis.zrem("eb:nodes", self.node_id)  # leave now, not after node_ttl
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.directory.close()
+
+    def health(self) -> dict[str, Any]:
+        return {"node": self.node_id, "redis": "ok" if self.redis_ok else "unreachable"}
+
+    # ----------------------------------------------------------- journal
+
+    async def _write(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                waiters, self._waiters = self._waiters, []
+                started = time.perf_counter()
+                try:
+                    await self._write_batch(batch)
+                except ClusterUnavailable as exc:
+                    self._stats.failed_commits += 1
+                    for waiter in waiters:
+                        if not waiter.done():
+                            waiter.set_exception(StoreUnavailable(str(exc)))
+                    continue
+                self._stats.commits += 1
+                self._stats.rows_committed += len(batch)
+                self._stats.last_batch_rows = len(batch)
+                self._stats.commit_seconds_total += time.perf_counter() - started
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_result(None)
+        finally:
+            self._writer = None
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:  # appended after the last batch was taken: nothing left to wait for
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    async def _write_batch(self, batch: list[tuple[Change, int]]) -> None:
+        subscriptions: dict[tuple[str, int], tuple[tuple[str, int], ...]] = {}
+        acknowledged: dict[tuple[str, int], list[str]] = {}
+        for change, epoch in batch:
+            if isinstance(change, PutEndpoint):
+                subscriptions[(change.record.id, epoch)] = change.record.subscriptions
+            elif isinstance(change, DeleteEvent):
+                acknowledged.setdefault((change.endpoint_id, epoch), []).append(stream_id(change.seq))
+        for (endpoint_id, epoch), topics in subscriptions.items():
+            await self.directory.run("SUBSCRIPTIONS", endpoint_id, self.node_id, epoch,
+                                     orjson.dumps(dict(topics)))
+        for (endpoint_id, epoch), ids in acknowledged.items():
+            await self.directory.run("ACKNOWLEDGE", endpoint_id, self.node_id, epoch, *ids)
+
+    # ------------------------------------------------------------ leases
+
+    def redis_time(self, local: float) -> float:
+        return local + self._offset
+
+    def _touched(self, endpoint: UserEndpoint) -> None:
+        if endpoint.state is not EndpointState.HEALTHY:
+            # SICK (a sweep said so) or UNKNOWN: this packet revives it now, not at the next lease.
+            endpoint.state = EndpointState.HEALTHY
+            self._urgent.add(endpoint.id)
+        self._dirty[endpoint.id] = endpoint
+
+    def defer_keepalive(self, endpoint_id: str, at: float, stored: float, period: float) -> None:
+        """A REST keepalive answered without a write: write it before Redis's copy could matter."""
+        due_in = stored + period * LEASE_FRACTION - at
+        previous = self._deferred.get(endpoint_id)
+        due = self._clock() + max(0.0, due_in) if previous is None else previous[1]
+        self._deferred[endpoint_id] = (at, due)
+
+    async def _leases(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_tick_seconds)
+            await self.renew()
+
+    async def renew(self, everything: bool = False) -> None:
+        """Write the keepalives that are due (all held ones with `everything`), fenced."""
+        now = self._clock()
+        args: list[Argument] = []
+        taken: list[tuple[str, UserEndpoint, float]] = []
+        held = self.table.epochs
+        candidates = {e.id: e for e in self.table} if everything else self._dirty
+        for endpoint_id, endpoint in list(candidates.items()):
+            epoch = held.get(endpoint_id)
+            if endpoint.removed or epoch is None:
+                self._dirty.pop(endpoint_id, None)
+                continue
+            period = self.table.period_of(endpoint)
+            # Until a lease of ours is written, Redis has the keepalive its CONNECT wrote.
+            written = self._written.get(endpoint_id, endpoint.connected_since or -math.inf)
+            if everything or endpoint_id in self._urgent or now - written >= period * LEASE_FRACTION:
+                args += [endpoint_id, self.redis_time(endpoint.last_keepalive), epoch]
+                taken.append((endpoint_id, endpoint, written))
+                self._written[endpoint_id] = endpoint.last_keepalive
+                self._dirty.pop(endpoint_id, None)
+                self._urgent.discard(endpoint_id)
+        deferred = [(i, at) for i, (at, due) in self._deferred.items() if due <= now]
+        for endpoint_id, at in deferred:
+            del self._deferred[endpoint_id]
+            args += [endpoint_id, at, ""]
+        if not args:
+            return
+        try:
+            stale, revived = await self.directory.run("RENEW", self.node_id, *args)
+        except ClusterUnavailable:
+            for endpoint_id, endpoint, written in taken:  # again at the next tick
+                self._written[endpoint_id] = written
+                self._dirty[endpoint_id] = endpoint
+            for endpoint_id, at in deferred:
+                self._deferred.setdefault(endpoint_id, (at, now))
+            return
+        for raw in stale:
+            copy = self.table.get(text(raw))
+            if copy is not None:
+                log.info("endpoint %s is no longer held by this node (taken over, or this node was presumed "
+                         "dead); closing its connection", copy.id)
+                self.table.forget(copy, DisconnectReason.TAKEN_OVER)
+        for raw_id, left, record in revived:
+            entry = entry_of(text(raw_id), record)
+            self.table.emit(LifecycleType.STATE_CHANGED, entry, previous_state=EndpointState(text(left)))
+
+    # -------------------------------------------------------- connections
+
+    def _detached(self, endpoint: UserEndpoint, epoch: int, reason: DisconnectReason) -> None:
+        self._dirty.pop(endpoint.id, None)
+        self._written.pop(endpoint.id, None)
+        self._undetached[endpoint.id] = (epoch, reason is DisconnectReason.CLEAN,
+                                         self.redis_time(endpoint.last_keepalive))
+        task = self._spawn(self._detach(endpoint.id))
+        self._detaching.add(task)
+        task.add_done_callback(self._detaching.discard)
+
+    async def _detach(self, endpoint_id: str) -> None:
+        pending = self._undetached.get(endpoint_id)
+        if pending is None:
+            return
+        epoch, clean, last = pending
+        try:
+            answer = await self.directory.run("DETACH", endpoint_id, self.node_id, epoch, int(clean), last)
+        except ClusterUnavailable:
+            return  # retried after the next good heartbeat
+        if self._undetached.get(endpoint_id) == pending:
+            del self._undetached[endpoint_id]
+        if text(answer[0]) == "removed":
+            entry = entry_of(endpoint_id, answer[1])
+            self.table.emit(LifecycleType.UNREGISTERED, entry, reason=RemovalReason.DISCONNECTED)
+            log.info("endpoint %s removed: %s", endpoint_id, RemovalReason.DISCONNECTED)
+
+    async def pull(self, endpoint_id: str) -> None:
+        """Load what was queued for a held endpoint since the last load, and send it."""
+        if endpoint_id not in self.table.loaded:
+            return
+        try:
+            events = await self.directory.queued(endpoint_id, self.table.loaded[endpoint_id])
+        except ClusterUnavailable:
+            return  # the mailbox's resync loads it once Redis is back
+        endpoint = self.table.get(endpoint_id)
+        if endpoint is not None:
+            self.table.take(endpoint, events)
+
+    # ---------------------------------------------------------- heartbeat
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await self.heartbeat()
+            await asyncio.sleep(self.heartbeat_seconds)
+
+    async def heartbeat(self) -> None:
+        before = self._clock()
+        try:
+            epoch, listed, at = await self.directory.run("HEARTBEAT", self.node_id, secrets.token_hex(8))
+        except ClusterUnavailable as exc:
+            if self.redis_ok:
+                log.warning("Redis is unreachable (%s): registrations, QoS 1 events and CONNECTs answer "
+                            "503 or CONNACK 3 until it is back", exc)
+            self.redis_ok = False
+            return
+        self._offset = float(text(at)) - (before + self._clock()) / 2
+        recovered = not self.redis_ok
+        if recovered:
+            log.info("Redis is reachable at %s as node %s", self.directory.url.split("@")[-1], self.node_id)
+        self.redis_ok = True
+        epoch = text(epoch)
+        if self.cluster_epoch is None:
+            self.cluster_epoch = epoch
+        elif epoch != self.cluster_epoch:
+            log.warning("Redis came back empty (cluster epoch %s, was %s): registering the %d endpoint(s) "
+                        "this node holds again, as UNKNOWN", epoch, self.cluster_epoch, len(self.table))
+            self.cluster_epoch = epoch
+            await self._reregister()
+        elif not listed and self._listed:
+            log.warning("this node was presumed dead (no heartbeat for %ss): checking what it still holds",
+                        self.node_ttl_seconds)
+            await self.renew(everything=True)
+        self._listed = True
+        for endpoint_id in list(self._undetached):
+            await self._detach(endpoint_id)
+
+    async def _reregister(self) -> None:
+        args: list[Argument] = []
+        for endpoint in self.table:
+            args += [endpoint.id, endpoint.user_id, endpoint.organization_id, endpoint.keep_alive_seconds,
+                     int(endpoint.server_keep_alive_reminder_on), endpoint.origin.value, endpoint.version + 1,
+                     "" if endpoint.link_keep_alive is None else endpoint.link_keep_alive,
+                     int(endpoint.persistent_session), self.table.epochs.get(endpoint.id, 1),
+                     orjson.dumps(endpoint.subscriptions)]
+            self.table.loaded[endpoint.id] = 0  # the old stream ids are gone with the data
+        if not args:
+            return
+        try:
+            done = await self.directory.run("REREGISTER", self.node_id, *args)
+        except ClusterUnavailable:
+            self.cluster_epoch = None  # not done: again at the next heartbeat
+            return
+        for raw_id, record in done:
+            entry = entry_of(text(raw_id), record)
+            copy = self.table.get(entry.id)
+            if copy is not None:
+                copy.state, copy.version = entry.state, entry.version
+            self.table.emit(LifecycleType.STATE_CHANGED, entry)
+
+    # -------------------------------------------------------------- sweep
+
+    async def _sweeps(self) -> None:
+        while True:
+            await asyncio.sleep(self.sweep_seconds)
+            if self.redis_ok:
+                await self.sweep()
+
+    async def sweep(self) -> None:
+        try:
+            transitions = await self.directory.run("SWEEP", self.node_ttl_seconds, SWEEP_LIMIT)
+        except ClusterUnavailable:
+            return
+        for transition in transitions:
+            kind, endpoint_id = text(transition[0]), text(transition[1])
+            if kind == "dropped":
+                entry = entry_of(endpoint_id, transition[3])
+                log.info("endpoint %s released: node %s stopped sending heartbeats", endpoint_id,
+                         text(transition[2]))
+                self.table.emit(LifecycleType.DISCONNECTED, entry, reason=DisconnectReason.DROPPED)
+            elif kind == "sick":
+                entry = entry_of(endpoint_id, transition[3])
+                log.info("endpoint %s is SICK: no keepalive for %ss", endpoint_id, entry.keep_alive_seconds)
+                self.table.emit(LifecycleType.STATE_CHANGED, entry, previous_state=EndpointState(text(transition[2])))
+            elif kind == "expired":
+                self._expired(endpoint_id, entry_of(endpoint_id, transition[2]), int(transition[3]))
+
+    def _expired(self, endpoint_id: str, entry: EndpointEntry, queued: int) -> None:
+        if queued:
+            self.table.stats.dropped_endpoint_removed += queued
+            log.warning("endpoint %s removed (%s) with %d undelivered QoS 1 event(s); they are dropped with it",
+                        endpoint_id, RemovalReason.EXPIRED, queued)
+        log.info("endpoint %s removed: %s", endpoint_id, RemovalReason.EXPIRED)
+        if entry.node:
+            self.table.emit(LifecycleType.DISCONNECTED, entry, reason=DisconnectReason.EXPIRED)
+        self.table.emit(LifecycleType.UNREGISTERED, entry, reason=RemovalReason.EXPIRED)
+
+    # ------------------------------------------------------------ mailbox
+
+    async def _mailbox(self) -> None:
+        delay = 0.1
+        while True:
+            pubsub = self.directory.redis.pubsub()
+            try:
+                await pubsub.subscribe(self.channel)
+                delay = 0.1
+                await self._resync()
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message is not None:
+                        self.deliver(bytes(message["data"]))
+            except (RedisError, OSError, ClusterUnavailable) as exc:
+                log.debug("mailbox: %s; subscribing again", exc)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def _resync(self) -> None:
+        """After (re)subscribing: messages may have been missed, so load every held queue and renew."""
+        for endpoint_id in list(self.table.loaded):
+            await self.pull(endpoint_id)
+        if self.table.epochs:
+            await self.renew(everything=True)
+
+    def deliver(self, message: bytes) -> None:
+        """One message from another node (see the module docstring)."""
+        head, _, rest = message.partition(b"\n")
+        kind, _, args = head.decode().partition(" ")
+        if kind == "event":
+            for endpoint_id in args.split():
+                endpoint = self.table.get(endpoint_id)
+                if endpoint is not None:
+                    self.table.deliver((endpoint,), rest, 0)
+        elif kind == "wake":
+            for endpoint_id in args.split():
+                self._spawn(self.pull(endpoint_id))
+        elif kind == "close":
+            endpoint_id, epoch, reason = args.split(" ", 2)
+            endpoint = self.table.get(endpoint_id)
+            if endpoint is not None and self.table.epochs.get(endpoint_id, 0) <= int(epoch):
+                self.table.forget(endpoint, CLOSE_REASONS.get(reason, DisconnectReason.TAKEN_OVER))
+        elif kind == "sick":
+            endpoint = self.table.get(args)
+            if endpoint is not None:
+                self.table.set_state(endpoint, EndpointState.SICK)
+        elif kind == "refresh":
+            self._spawn(self._refresh(args))
+
+    async def _refresh(self, endpoint_id: str) -> None:
+        """A REST registration changed a held endpoint's settings: its period and reminder follow."""
+        try:
+            k, r, g = await self.directory.redis.hmget(f"eb:ep:{endpoint_id}", "k", "r", "g")
+        except RedisError:
+            return
+        endpoint = self.table.get(endpoint_id)
+        if endpoint is not None and k is not None:
+            self.table.refresh(endpoint, int(k), r == b"1", text(g))
+
+    # ------------------------------------------------------------ helpers
+
+    def _spawn(self, job: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(job) if self._loop is None \
+            else self._loop.create_task(job)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("cluster task failed", exc_info=task.exception())

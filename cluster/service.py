@@ -1,0 +1,269 @@
+"""The endpoint service of a cluster node: the same operations and rules, answered from Redis.
+
+Every REST answer and every CONNECT is one script (cluster.scripts), so what a node
+answers is what Redis decided, whichever node is asked: ids, caps, views, and where an
+event must go. Validation, access rules, rate limits and log lines are the service's
+own (endpoint_core.service); only the table behind them differs.
+
+While Redis is unreachable, what needs it answers 503 (CONNACK 3 over MQTT); a QoS 0
+sendEvent still reaches the connections this node holds, and says how many took it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from cluster.directory import Argument, ClusterUnavailable, Directory, EndpointEntry, entry_of, stream_seq, text
+from cluster.node import LEASE_FRACTION, ClusterNode
+from cluster.table import ClusterTable
+from endpoint_core.endpoint import DisconnectReason, EndpointLink, EndpointState, RemovalReason, UserEndpoint
+from endpoint_core.errors import (
+    Conflict,
+    DomainError,
+    Forbidden,
+    NotAuthenticated,
+    NotFound,
+    Unavailable,
+    Unprocessable,
+)
+from endpoint_core.events import parse_send_event
+from endpoint_core.idempotency import IdempotencyKeys, body_digest
+from endpoint_core.ids import new_endpoint_id, require_endpoint_id
+from endpoint_core.lifecycle import LifecycleType
+from endpoint_core.principals import Principal, TokenVerifier
+from endpoint_core.service import (
+    EndpointService,
+    caller_of,
+    endpoint_id_of,
+    event_payload,
+    not_an_endpoint_of_user,
+    object_of,
+    unregister_options,
+)
+from endpoint_core.table import DeliveryReport
+
+log = logging.getLogger("endpoint_broker.service")
+
+
+def unavailable(exc: ClusterUnavailable) -> Unavailable:
+    return Unavailable(f"the cluster's shared table is unreachable: {exc}")
+
+
+class ClusterService(EndpointService):
+    table: ClusterTable
+
+    def __init__(self, table: ClusterTable, node: ClusterNode, verifier: TokenVerifier,
+                 idempotency: IdempotencyKeys, **options: Any) -> None:
+        super().__init__(table, verifier, node, idempotency, **options)
+        self.node = node
+        self.directory: Directory = node.directory
+
+    async def _run(self, script: str, *args: Argument) -> Any:
+        try:
+            return await self.directory.run(script, *args)
+        except ClusterUnavailable as exc:
+            raise unavailable(exc) from None
+
+    # ------------------------------------------------------------ REST
+
+    async def answer_register(self, principal: Principal, body: object) -> str:
+        keep_alive, reminder, given_id = self._register_command(principal, body)
+        organization_id = self.table._require_organization(principal.organization_id)
+        self.table._check_keep_alive(keep_alive)
+        endpoint_id = new_endpoint_id() if given_id is None else \
+            require_endpoint_id(given_id, pattern=self.table._id_pattern)
+        answer = await self._run("REGISTER", endpoint_id, principal.user_id, organization_id, keep_alive,
+                                 int(reminder), self.table.policy.max_endpoints_per_user)
+        status = text(answer[0])
+        if status == "full":
+            raise Conflict(f"the user already has {text(answer[1])} endpoints, the most allowed; unregister one "
+                           "first", "userEndpointId")
+        if status == "conflict":
+            raise Conflict(f"endpoint id {endpoint_id!r} is taken; choose another (use a UUID)", "userEndpointId")
+        entry = entry_of(endpoint_id, answer[2])
+        if status != "same":
+            self.table.emit(LifecycleType.REGISTERED, entry)
+        if answer[1] is not None:
+            self.table.emit(LifecycleType.STATE_CHANGED, entry, previous_state=EndpointState(text(answer[1])))
+        log.info("endpoint %s %s by user %s", endpoint_id, "registered" if status == "created" else "re-registered",
+                 principal.user_id)
+        return endpoint_id
+
+    async def answer_keepalive(self, principal: Principal, body: object) -> None:
+        endpoint_id = endpoint_id_of(object_of(body))
+        answer = await self._run("KEEPALIVE", endpoint_id, *self._caller_args(principal), LEASE_FRACTION)
+        status = text(answer[0])
+        self._refuse(status, endpoint_id)
+        self.table.stats.keepalives_rest += 1
+        if status == "revived":
+            entry = entry_of(endpoint_id, answer[2])
+            self.table.emit(LifecycleType.STATE_CHANGED, entry, previous_state=EndpointState(text(answer[1])))
+        elif status == "deferred":
+            self.node.defer_keepalive(endpoint_id, float(text(answer[1])), float(text(answer[2])),
+                                      float(text(answer[3])))
+
+    async def answer_unregister(self, principal: Principal, body: object) -> None:
+        command = object_of(body)
+        endpoint_id = endpoint_id_of(command)
+        try:
+            reason, block = unregister_options(command)
+        except DomainError:
+            await self.answer_get(principal, endpoint_id)  # a 404 before a bad reason's 400, as alone
+            raise
+        block_seconds = self.table.policy.unregister_block_seconds if block else 0
+        answer = await self._run("UNREGISTER", endpoint_id, *self._caller_args(principal), block_seconds)
+        self._refuse(text(answer[0]), endpoint_id)
+        entry, queued = entry_of(endpoint_id, answer[1]), int(answer[2])
+        held = self.table.get(endpoint_id)
+        if held is not None:
+            self.table.forget(held, DisconnectReason.UNREGISTERED)
+        if queued:
+            self.table.stats.dropped_endpoint_removed += queued
+            log.warning("endpoint %s removed (%s) with %d undelivered QoS 1 event(s); they are dropped with it",
+                        endpoint_id, RemovalReason.UNREGISTERED, queued)
+        log.info("endpoint %s removed: %s%s", endpoint_id, RemovalReason.UNREGISTERED, f" ({reason})" if reason else "")
+        if entry.node:
+            self.table.emit(LifecycleType.DISCONNECTED, entry, reason=DisconnectReason.UNREGISTERED)
+        self.table.emit(LifecycleType.UNREGISTERED, entry, reason=RemovalReason.UNREGISTERED)
+
+    async def answer_get(self, principal: Principal, endpoint_id: str) -> dict[str, Any]:
+        answer = await self._run("VIEW", endpoint_id, *self._caller_args(principal))
+        self._refuse(text(answer[0]), endpoint_id)
+        return entry_of(endpoint_id, answer[2]).view(float(text(answer[1])))
+
+    async def answer_list(self, principal: Principal, user_id: str | None, organization_id: str | None
+                          ) -> list[dict[str, Any]]:
+        if not principal.is_service:
+            if user_id is not None and user_id != principal.user_id:
+                raise Forbidden("only SERVICE callers may list another user's endpoints", "userId")
+            if organization_id is not None and organization_id != principal.organization_id:
+                raise Forbidden("only SERVICE callers may list another organisation", "organizationId")
+            user_id, organization_id = principal.user_id, principal.organization_id
+        elif user_id is None and organization_id is None:
+            user_id, organization_id = principal.user_id, principal.organization_id
+        answer = await self._run("LIST", organization_id or "", user_id or "")
+        now = float(text(answer[0]))
+        return [entry_of(text(raw_id), flat).view(now) for raw_id, flat in answer[1:]]
+
+    async def send_event_durably(self, principal: Principal, body: object, idempotency_key: str | None) -> int:
+        qos = 2
+        try:
+            self._send_event_limit.take(caller_of(principal), "events")
+            command = parse_send_event(object_of(body))
+            qos = command.qos
+            organization_id = self._target_organization(principal, command.organization_id)
+            payload = event_payload(command)
+            digest = body_digest(body) if idempotency_key is not None else ""
+            key = "" if idempotency_key is None else f"eb:idem:{principal.scope}\0{idempotency_key}"
+            policy = self.table.policy
+            try:
+                answer = await self.directory.run(
+                    "SEND", organization_id, command.user_id, command.endpoint_id or "", qos, payload,
+                    policy.queue_max_events, policy.queue_max_bytes, self.node.node_id, key, digest,
+                    int(self.idempotency.window_seconds * 1000))
+            except ClusterUnavailable as exc:
+                if qos == 1 or idempotency_key is not None:
+                    raise unavailable(exc) from None
+                report = self._deliver_here(organization_id, command.user_id, command.endpoint_id, payload)
+            else:
+                status = text(answer[0])
+                if status == "prior":
+                    prior_digest, _, count = text(answer[1]).partition(" ")
+                    if prior_digest != digest:
+                        raise Unprocessable("this idempotency key was used with a different request body",
+                                            "Idempotency-Key")
+                    return int(count)
+                if status == "notfound":
+                    raise not_an_endpoint_of_user()
+                report = DeliveryReport(int(answer[1]), [text(i) for i in answer[2]])
+                for raw_id, raw_stream_id in answer[3]:
+                    endpoint = self.table.get(text(raw_id))
+                    if endpoint is None:
+                        continue  # it left this node meanwhile: its queue in Redis has the event
+                    if qos == 1:
+                        self.table.take(endpoint, [(stream_seq(text(raw_stream_id)), payload)])
+                    else:
+                        self.table.deliver((endpoint,), payload, 0)
+            delivered = self._delivered(command, organization_id, payload, report)
+        except DomainError:
+            self.stats.send_events[qos][2] += 1
+            raise
+        self.stats.send_events[qos][0 if delivered else 1] += 1
+        return delivered
+
+    def _deliver_here(self, organization_id: str, user_id: str, endpoint_id: str | None,
+                      payload: bytes) -> DeliveryReport:
+        """QoS 0 while Redis is unreachable: the connections this node holds, and only those."""
+        targets = [e for e in self.table.endpoints_of(organization_id, user_id)
+                   if endpoint_id is None or e.id == endpoint_id]
+        return self.table.deliver(targets, payload, 0)
+
+    # ------------------------------------------------------------ MQTT
+
+    def connect(
+        self,
+        principal: Principal,
+        endpoint_id: str,
+        mqtt_keep_alive: int,
+        link: EndpointLink,
+        persistent_session: bool,
+    ) -> asyncio.Future[tuple[UserEndpoint, bool]]:
+        """As alone, but decided in Redis: the answer comes later, and the link waits for it."""
+        if principal.expires_at <= time.time():
+            raise NotAuthenticated("token has expired", "Authorization", "expired")
+        self._connect_limit.take(endpoint_id, "CONNECTs for this client id")
+        organization_id = self.table._require_organization(principal.organization_id)
+        require_endpoint_id(endpoint_id, "client id", self.table._id_pattern)
+        return asyncio.ensure_future(self._connect(principal.user_id, organization_id, endpoint_id,
+                                                   mqtt_keep_alive, link, persistent_session))
+
+    async def _connect(self, user_id: str, organization_id: str, endpoint_id: str, mqtt_keep_alive: int,
+                       link: EndpointLink, persistent_session: bool) -> tuple[UserEndpoint, bool]:
+        policy = self.table.policy
+        answer = await self._run(
+            "CONNECT", endpoint_id, user_id, organization_id, mqtt_keep_alive, self.node.node_id,
+            int(persistent_session), policy.default_mqtt_keep_alive_seconds, policy.max_keep_alive_seconds,
+            policy.max_endpoints_per_user)
+        status = text(answer[0])
+        if status == "blocked":
+            raise Forbidden(f"endpoint {endpoint_id!r} was logged out; reconnecting is refused for a while",
+                            "client id")
+        if status == "full":
+            raise Conflict(f"the user already has {text(answer[1])} endpoints, the most allowed", "client id")
+        if status == "conflict":
+            raise Conflict(f"endpoint id {endpoint_id!r} is taken; choose another (use a UUID)", "client id")
+        created, previous_node, left, present = answer[1] is not None, text(answer[2]), answer[3], answer[4]
+        entry = entry_of(endpoint_id, answer[5])
+        try:
+            events = await self.directory.queued(endpoint_id, 0)
+        except ClusterUnavailable:
+            events = []  # loaded by the mailbox's resync once Redis answers again
+        endpoint = self.table.adopt(entry, link, events)
+        self._connect_events(entry, created, previous_node, left, link)
+        return endpoint, present is not None
+
+    def _connect_events(self, entry: EndpointEntry, created: bool, previous_node: str, left: Any,
+                        link: EndpointLink) -> None:
+        if created:
+            self.table.emit(LifecycleType.REGISTERED, entry)
+        if left is not None:
+            self.table.emit(LifecycleType.STATE_CHANGED, entry, previous_state=EndpointState(text(left)))
+        if previous_node:
+            self.table.emit(LifecycleType.DISCONNECTED, entry, reason=DisconnectReason.TAKEN_OVER)
+        self.table.emit(LifecycleType.CONNECTED, entry, transport=link.transport_name)
+
+    # --------------------------------------------------------- helpers
+
+    @staticmethod
+    def _caller_args(principal: Principal) -> tuple[str, str, int]:
+        return principal.user_id, principal.organization_id or "", int(principal.is_service)
+
+    @staticmethod
+    def _refuse(status: str, endpoint_id: str) -> None:
+        if status == "notfound":
+            raise NotFound(f"no endpoint {endpoint_id!r}", "userEndpointId")
+        if status == "forbidden":
+            raise Forbidden("the endpoint belongs to another user", "userEndpointId")
