@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
@@ -137,7 +139,13 @@ class Directory:
             health_check_interval=0, decode_responses=False,
             # Once, at once: a pooled connection may be stale after Redis restarted; more would
             # only hold the caller past its timeout while Redis is down.
-            retry=Retry(NoBackoff(), 1),
+            retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError],
+        )
+        # The mailbox's own client, which never reconnects behind our back: a subscription lost
+        # with its connection must surface, so that the node loads what it may have missed.
+        self._mailbox: aioredis.Redis = aioredis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0),
+            health_check_interval=0, decode_responses=False,
         )
         self._grace = Grace.of(policy)
         self._scripts = {name: self.redis.register_script(getattr(scripts, name)) for name in (
@@ -164,5 +172,9 @@ class Directory:
         # decode_responses is off, so every value is bytes.
         return [(stream_seq(text(sid)), fields[b"p"]) for sid, fields in entries if fields]  # type: ignore[misc]
 
+    def subscriber(self) -> PubSub:
+        return self._mailbox.pubsub()
+
     async def close(self) -> None:
         await self.redis.aclose()
+        await self._mailbox.aclose()

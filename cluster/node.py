@@ -241,7 +241,10 @@ class ClusterNode:
         if not args:
             return
         try:
-            stale, revived = await self.directory.run("RENEW", self.node_id, *args)
+            answer = await self.directory.run("RENEW", self.node_id, self.cluster_epoch or "", *args)
+            if len(answer) == 1:  # the cluster epoch changed: the heartbeat registers them again
+                raise ClusterUnavailable("Redis came back empty")
+            stale, revived = answer
         except ClusterUnavailable:
             for endpoint_id, endpoint, written in taken:  # again at the next tick
                 self._written[endpoint_id] = written
@@ -401,7 +404,7 @@ class ClusterNode:
     async def _mailbox(self) -> None:
         delay = 0.1
         while True:
-            pubsub = self.directory.redis.pubsub()
+            pubsub = self.directory.subscriber()
             try:
                 await pubsub.subscribe(self.channel)
                 delay = 0.1

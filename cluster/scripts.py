@@ -155,13 +155,16 @@ end
 return {'deferred', tostring(t), f[4], tostring(per)}
 """
 
-# Lease renewal of keepalives a node saw but did not write yet: ARGV node, then triples
-# (id, Redis time of the keepalive, epoch or "" for a REST keepalive, which is not fenced).
-# Returns {stale ids, revived triples (id, state left, record)...}.
+# Lease renewal of keepalives a node saw but did not write yet: ARGV node, the cluster epoch
+# the node knows, then triples (id, Redis time of the keepalive, epoch or "" for a REST
+# keepalive, which is not fenced). Returns {stale ids, revived triples (id, state left,
+# record)...}, or {"epoch"} if Redis's cluster epoch is not the node's: Redis came back
+# empty, and what the node holds must be registered again (HEARTBEAT tells it), not dropped.
 RENEW = PRELUDE + r"""
 local node = ARGV[3]
+if redis.call('GET', P .. 'epoch') ~= ARGV[4] then return {'epoch'} end
 local stale, revived = {}, {}
-for i = 4, #ARGV, 3 do
+for i = 5, #ARGV, 3 do
   local id, at, epoch = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
   local f = redis.call('HMGET', ekey(id), 'l', 's', 'n', 'e')
   if f[1] == false or (epoch ~= '' and (f[3] ~= node or f[4] ~= epoch)) then

@@ -1,0 +1,167 @@
+"""Cluster failure modes (README "Cluster"), each on a cluster of its own: real Redis, real nodes.
+
+A node killed with its clients' unacknowledged events, Redis frozen (SIGSTOP) and back,
+Redis restarted from its AOF and restarted empty, and a node frozen past its TTL that
+comes back after its endpoint was taken over.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+
+import pytest
+
+from tests.cluster_support import NODE_TTL_SECONDS, Cluster, lifecycle_watches
+from tests.support import PahoClient, RawMqtt, event, service_token, token, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    with Cluster(2) as started:
+        yield started
+
+
+def send(node: object, org: str, qos: int = 1, **fields: object) -> object:
+    return node.send_event(service_token("backend", org),  # type: ignore[attr-defined]
+                           {"organizationId": org, "userId": "alice", "qos": qos, "event": event(**fields)})
+
+
+def test_a_killed_nodes_clients_get_their_events_elsewhere_and_its_other_endpoints_expire(
+    cluster: Cluster, unique: str,
+) -> None:
+    a, b = cluster.nodes
+    org = f"org-{unique}"
+    alice = token("alice", org)
+    held, gone = f"held-{unique}", f"gone-{unique}"
+    assert a.http(alice).post("/rtc-api/users/endpoints", json={"keepAliveSeconds": 2, "userEndpointId": gone}
+                              ).status_code == 200
+    with lifecycle_watches(cluster, org, unique) as watches, RawMqtt(a.mqtt_port) as first, \
+            RawMqtt(a.mqtt_port) as idle:
+        assert first.connect(held, "alice", alice, clean_session=False) == (0, False)
+        assert first.subscribe(f"users/endpoints/{held}") == [1]
+        assert idle.connect(gone, "alice", alice, keep_alive=2) == (0, False)
+        for n in range(2):
+            answer = send(b, org, n=n, userEndpointId=None)
+            assert answer.status_code == 200  # type: ignore[attr-defined]
+        assert [first.next_publish().json()["n"] for _ in range(2)] == [0, 1]  # never acknowledged
+        a.stop(signal.SIGKILL)
+        with RawMqtt(b.mqtt_port) as second:  # the client reconnects to another node
+            assert second.connect(held, "alice", alice, clean_session=False) == (0, True)
+            again = second.publishes(2.0)
+            assert [p.json()["n"] for p in again] == [0, 1] and all(p.dup for p in again)
+        # Nobody reconnects `gone`: released once node-0 is taken for dead, then expired on schedule.
+        wait_until(lambda: b.view(alice, gone).status_code == 404, timeout=10 + NODE_TTL_SECONDS)
+        reasons = wait_until(lambda: [e.get("reason") for e in watches.events()
+                                      if e["userEndpointId"] == gone and e.get("reason") == "expired"])
+        assert reasons == ["expired"]
+        assert "dropped" in [e.get("reason") for e in watches.events()
+                             if e["userEndpointId"] == gone and e["type"] == "UserEndpointDisconnectedEvent"]
+
+
+def test_while_redis_is_frozen_nodes_stay_up_answer_503_and_recover_without_a_restart(
+    cluster: Cluster, unique: str,
+) -> None:
+    a, b = cluster.nodes
+    org = f"org-{unique}"
+    alice = token("alice", org)
+    here = PahoClient(f"here-{unique}", username="alice", password=alice, port=a.mqtt_port)
+    try:
+        assert here.connect() == 0
+        assert here.subscribe(f"users/endpoints/here-{unique}") == [1]
+        cluster.redis.pause()
+        wait_until(lambda: a.health()["status"] == "degraded", timeout=15)
+        assert a.health()["cluster"] == {"node": "node-0", "redis": "unreachable"}
+        assert send(a, org, qos=1).status_code == 503  # type: ignore[attr-defined]
+        register = a.http(alice).post("/rtc-api/users/endpoints", json={"keepAliveSeconds": 60})
+        assert register.status_code == 503 and register.headers["content-type"] == "application/problem+json"
+        assert a.http(alice).post("/rtc-api/users/endpoints/unregister",
+                                  json={"userEndpointId": f"here-{unique}"}).status_code == 503
+        with RawMqtt(b.mqtt_port) as refused:
+            assert refused.connect(f"new-{unique}", "alice", alice) == (3, False)
+        # QoS 0 still reaches the connections this node holds.
+        answer = send(a, org, qos=0, marker="frozen")
+        assert answer.status_code == 200 and answer.json() == 1  # type: ignore[attr-defined]
+        assert b'"marker":"frozen"' in here.next_message().payload
+        cluster.redis.resume()
+        wait_until(lambda: a.health()["status"] == "ok" and b.health()["status"] == "ok", timeout=15)
+        assert a.http(alice).post("/rtc-api/users/endpoints", json={"keepAliveSeconds": 60}).status_code == 200
+        with RawMqtt(b.mqtt_port) as accepted:
+            assert accepted.connect(f"new-{unique}", "alice", alice) == (0, False)
+        answer = send(b, org, qos=1, marker="back")
+        assert answer.status_code == 200  # type: ignore[attr-defined]
+        assert b'"marker":"back"' in here.next_message().payload
+    finally:
+        cluster.redis.resume()
+        here.close()
+
+
+def test_redis_restarted_from_its_aof_keeps_every_endpoint_and_event_route(cluster: Cluster, unique: str) -> None:
+    a, b = cluster.nodes
+    org = f"org-{unique}"
+    alice = token("alice", org)
+    kept = f"kept-{unique}"
+    assert a.http(alice).post("/rtc-api/users/endpoints", json={"keepAliveSeconds": 60, "userEndpointId": kept}
+                              ).status_code == 200
+    subscriber = PahoClient(f"sub-{unique}", username="alice", password=alice, port=b.mqtt_port)
+    try:
+        assert subscriber.connect() == 0
+        assert subscriber.subscribe(f"users/endpoints/sub-{unique}") == [1]
+        version = a.view(alice, kept).json()["version"]
+        cluster.redis.restart()
+        wait_until(lambda: send(a, org, marker="after").status_code == 200, timeout=15)  # type: ignore[attr-defined]
+        view = a.view(alice, kept)
+        assert view.status_code == 200, view.text
+        assert view.json()["version"] == version
+        assert b.view(alice, f"sub-{unique}").json()["connected"] is True
+        assert b'"marker":"after"' in subscriber.next_message().payload
+    finally:
+        subscriber.close()
+
+
+def test_redis_restarted_empty_gets_the_held_endpoints_back_as_unknown(cluster: Cluster, unique: str) -> None:
+    a, b = cluster.nodes
+    org = f"org-{unique}"
+    alice = token("alice", org)
+    held = f"held-{unique}"
+    subscriber = PahoClient(held, username="alice", password=alice, port=b.mqtt_port)
+    try:
+        assert subscriber.connect() == 0
+        assert subscriber.subscribe(f"users/endpoints/{held}") == [1]
+        cluster.redis.restart_empty()
+        view = wait_until(lambda: (r := a.view(alice, held)).status_code == 200 and r.json(), timeout=15)
+        assert view["state"] == "UNKNOWN" and view["connected"] is True
+        answer = send(a, org, marker="again")
+        assert answer.status_code == 200 and answer.json() == 1  # type: ignore[attr-defined]
+        assert b'"marker":"again"' in subscriber.next_message().payload
+    finally:
+        subscriber.close()
+
+
+def test_a_frozen_node_that_comes_back_after_a_take_over_changes_nothing(cluster: Cluster, unique: str) -> None:
+    a, b = cluster.nodes
+    org = f"org-{unique}"
+    alice = token("alice", org)
+    endpoint_id = f"contested-{unique}"
+    assert a.process is not None
+    with RawMqtt(a.mqtt_port) as stale, RawMqtt(b.mqtt_port) as fresh:
+        assert stale.connect(endpoint_id, "alice", alice, clean_session=False) == (0, False)
+        assert stale.subscribe(f"users/endpoints/{endpoint_id}") == [1]
+        os.kill(a.process.pid, signal.SIGSTOP)
+        try:
+            wait_until(lambda: cluster.record(endpoint_id)["n"] == "", timeout=5 + NODE_TTL_SECONDS)
+            assert fresh.connect(endpoint_id, "alice", alice, clean_session=False) == (0, True)
+            taken = cluster.record(endpoint_id)
+            stale.ping()  # a packet the frozen node will read, and try to renew a lease for
+        finally:
+            os.kill(a.process.pid, signal.SIGCONT)
+        stale.wait_closed(10)  # the node found it no longer holds the endpoint
+        wait_until(lambda: "no longer held by this node" in a.stderr())
+        assert cluster.record(endpoint_id)["n"] == "node-1"
+        assert cluster.record(endpoint_id)["e"] == taken["e"]
+        answer = send(a, org, marker="fresh")
+        assert answer.json() == 1  # type: ignore[attr-defined]
+        assert fresh.next_publish().json()["marker"] == "fresh"
