@@ -43,6 +43,7 @@ from config.tls import ServerTls, TlsFiles
 from endpoint_core.feeds import LifecycleFeeds
 from endpoint_core.idempotency import IdempotencyKeys
 from endpoint_core.journal import Snapshot, Store
+from endpoint_core.logtext import without_password
 from endpoint_core.principals import ClaimNames, JwtVerifier, mint_token
 from endpoint_core.service import EndpointService
 from endpoint_core.table import EndpointTable
@@ -198,7 +199,7 @@ def build_cluster_service(settings: Settings, verifier: JwtVerifier, idempotency
     node_id = settings.node_id or f"{socket.gethostname()}-{os.getpid()}"
     node = ClusterNode(Directory(settings.redis_url, policy), table, node_id,
                        node_ttl_seconds=settings.cluster_node_ttl_seconds)
-    log.info("cluster node %s of %s", node_id, settings.redis_url.split("@")[-1])
+    log.info("cluster node %s of %s", node_id, without_password(settings.redis_url))
     return ClusterService(table, node, verifier, idempotency=idempotency, limits=settings.rate_limit_policy(),
                           feeds=feeds)
 

@@ -40,6 +40,7 @@ from endpoint_core.clock import Clock, monotonic
 from endpoint_core.endpoint import DisconnectReason, EndpointState, RemovalReason, UserEndpoint
 from endpoint_core.journal import Change, DeleteEvent, PutEndpoint, Snapshot, StoreStats, StoreUnavailable
 from endpoint_core.lifecycle import LifecycleType
+from endpoint_core.logtext import without_password
 
 log = logging.getLogger("endpoint_broker.cluster")
 
@@ -321,7 +322,7 @@ class ClusterNode:
         self._offset = float(text(at)) - (before + self._clock()) / 2
         recovered = not self.redis_ok
         if recovered:
-            log.info("Redis is reachable at %s as node %s", self.directory.url.split("@")[-1], self.node_id)
+            log.info("Redis is reachable at %s as node %s", without_password(self.directory.url), self.node_id)
         self.redis_ok = True
         epoch = text(epoch)
         if self.cluster_epoch is None:

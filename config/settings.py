@@ -24,6 +24,7 @@ import yaml
 from broker_plugin.connection import ConnectionLimits
 from endpoint_core import feeds, webhook
 from endpoint_core.idempotency import DEFAULT_WINDOW_SECONDS
+from endpoint_core.logtext import without_password
 from endpoint_core.principals import ClaimNames
 from endpoint_core.ratelimit import RateLimitPolicy
 from endpoint_core.table import TablePolicy
@@ -288,6 +289,8 @@ class Settings:
             values["jwt_secret"] = "***"  # noqa: S105 - the redaction marker
         if values["lifecycle_webhook_secret"]:
             values["lifecycle_webhook_secret"] = "***"  # noqa: S105 - the redaction marker
+        if values["redis_url"]:
+            values["redis_url"] = without_password(values["redis_url"])
         return values
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 # Enough to recognise an id or a topic; a client id may be up to 64 KiB on the wire.
 DEFAULT_LIMIT = 80
 
@@ -17,3 +19,8 @@ def loggable(value: object, limit: int = DEFAULT_LIMIT) -> str:
         return text
     size = len(value) if isinstance(value, str | bytes) else len(text)
     return f"{text[:limit]}...({size} chars)"
+
+
+def without_password(url: str) -> str:
+    """A URL as it may be logged: redis://user:secret@host/0 -> redis://user:***@host/0."""
+    return re.sub(r"^(\w+://[^:/@]*:)[^@]*@", r"\1***@", url)

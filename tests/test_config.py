@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from config import ConfigError, Settings, load_settings
+from endpoint_core.logtext import without_password
 from endpoint_core.table import TablePolicy
 
 
@@ -91,3 +92,20 @@ def test_the_webhook_policy_defaults_are_its_own_and_the_secret_is_redacted() ->
 def test_lifecycle_settings_that_cannot_work_are_refused(environment: dict[str, str], named: str) -> None:
     with pytest.raises(ConfigError, match=named):
         load_settings({f"ENDPOINT_BROKER_{k}": v for k, v in environment.items()})
+
+
+def test_the_redis_password_is_redacted_and_cluster_settings_are_checked() -> None:
+    assert without_password("redis://:hunter2@db:6379/0") == "redis://:***@db:6379/0"
+    assert without_password("rediss://app:hunter2@db/1") == "rediss://app:***@db/1"
+    assert without_password("redis://db:6379/0") == "redis://db:6379/0"
+    secured = {"jwt_secret": "x" * 40}
+    settings = load_settings({}, None, {**secured, "redis_url": "redis://:hunter2@db:6379/0"})
+    assert "hunter2" not in str(settings.redacted())
+    for overrides, complaint in (
+        ({"redis_url": "http://db"}, "redis://"),
+        ({"redis_url": "redis://db/0", "jwt_secret": None}, "dev mode"),
+        ({"node_id": "n1"}, "redis_url is not"),
+        ({"redis_url": "redis://db/0", "node_id": "a b"}, "node_id"),
+    ):
+        with pytest.raises(ConfigError, match=complaint):
+            load_settings({}, None, {**secured, **overrides})
