@@ -53,6 +53,7 @@ class EndpointEntry:
     epoch: int
     persistent_session: bool
     subscriptions: dict[str, int]
+    transport: str | None = None  # of its connection: tcp, tls or websocket
 
     def view(self, now: float) -> dict[str, Any]:
         """The UserEndpointView, with the same fields as UserEndpoint.view; `now` is Redis time."""
@@ -97,6 +98,7 @@ def entry_of(endpoint_id: str, flat: Sequence[bytes]) -> EndpointEntry:
         epoch=int(f.get("e", "0")),
         persistent_session=f.get("p") == "1",
         subscriptions={str(k): int(v) for k, v in json.loads(f.get("sb") or "{}").items()},
+        transport=f.get("t") or None,
     )
 
 

@@ -17,13 +17,18 @@
   client sends packets;
 - the mailbox: channel `eb:node:{node}` carries "close" (another node took the endpoint
   over, unregistered or expired it), "wake" (QoS 1 events were queued for it), "event"
-  (a QoS 0 event), "sick" and "refresh" (its settings changed).
+  (a QoS 0 event), "sick" and "refresh" (its settings changed);
+- the lifecycle channel `eb:lifecycle`: every event is made once, by the node that made
+  the change, and its observers get it there; the other nodes' MQTT feeds and dashboard
+  streams (the table's `peer_observers`) get it from this channel, best effort (not while
+  Redis is unreachable, and not the webhook, which each node sends its own events to).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import secrets
@@ -39,12 +44,13 @@ from cluster.table import ClusterTable
 from endpoint_core.clock import Clock, monotonic
 from endpoint_core.endpoint import DisconnectReason, EndpointState, RemovalReason, UserEndpoint
 from endpoint_core.journal import Change, DeleteEvent, PutEndpoint, Snapshot, StoreStats, StoreUnavailable
-from endpoint_core.lifecycle import LifecycleType
+from endpoint_core.lifecycle import LifecycleEvent, LifecycleType
 from endpoint_core.logtext import without_password
 
 log = logging.getLogger("endpoint_broker.cluster")
 
 LEASE_FRACTION = 1 / 3
+LIFECYCLE_CHANNEL = "eb:lifecycle"
 # Endpoints one sweep looks at, at most: the rest waits for the next sweep, not the loop.
 SWEEP_LIMIT = 500
 
@@ -90,6 +96,9 @@ class ClusterNode:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._detaching: set[asyncio.Task[None]] = set()
         self._stopping = False
+        # Lifecycle events made here, on their way to the other nodes (`eb:lifecycle`).
+        self._announcements: list[bytes] = []
+        table.observers.append(self._announce)
         table.journal_to(self)
         table.on_keepalive = self._touched
         table.on_detach = self._detached
@@ -400,6 +409,38 @@ class ClusterNode:
             self.table.emit(LifecycleType.DISCONNECTED, entry, reason=DisconnectReason.EXPIRED)
         self.table.emit(LifecycleType.UNREGISTERED, entry, reason=RemovalReason.EXPIRED)
 
+    # ---------------------------------------------------------- lifecycle
+
+    def _announce(self, event: LifecycleEvent) -> None:
+        if not self._announcements and self._loop is not None:
+            self._loop.call_soon(self._spawn_announce)
+        self._announcements.append(self.node_id.encode() + b"\n" + orjson.dumps(_wire(event)))
+
+    def _spawn_announce(self) -> None:
+        self._spawn(self._publish_announcements())
+
+    async def _publish_announcements(self) -> None:
+        batch, self._announcements = self._announcements, []
+        try:
+            async with self.directory.redis.pipeline(transaction=False) as pipe:
+                for message in batch:
+                    pipe.publish(LIFECYCLE_CHANNEL, message)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            log.debug("%d lifecycle event(s) not announced to the other nodes: %s", len(batch), exc)
+
+    def witness(self, message: bytes) -> None:
+        """A lifecycle event from the channel: to the peer observers, unless this node made it."""
+        node, _, body = message.partition(b"\n")
+        if node.decode() == self.node_id:
+            return
+        event = _unwire(orjson.loads(body))
+        for observer in self.table.peer_observers:
+            try:
+                observer(event)
+            except Exception:
+                log.exception("lifecycle observer failed on %s of %s", event.type, event.endpoint_id)
+
     # ------------------------------------------------------------ mailbox
 
     async def _mailbox(self) -> None:
@@ -407,12 +448,16 @@ class ClusterNode:
         while True:
             pubsub = self.directory.subscriber()
             try:
-                await pubsub.subscribe(self.channel)
+                await pubsub.subscribe(self.channel, LIFECYCLE_CHANNEL)
                 delay = 0.1
                 await self._resync()
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                    if message is not None:
+                    if message is None:
+                        continue
+                    if message["channel"] == LIFECYCLE_CHANNEL.encode():
+                        self.witness(bytes(message["data"]))
+                    else:
                         self.deliver(bytes(message["data"]))
             except (RedisError, OSError, ClusterUnavailable) as exc:
                 log.debug("mailbox: %s; subscribing again", exc)
@@ -476,3 +521,14 @@ class ClusterNode:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("cluster task failed", exc_info=task.exception())
+
+
+def _wire(event: LifecycleEvent) -> dict[str, Any]:
+    """A lifecycle event as it crosses to the other nodes: every field, the same id."""
+    fields = {f.name: getattr(event, f.name) for f in dataclasses.fields(event)}
+    fields["type"] = event.type.value
+    return fields
+
+
+def _unwire(fields: dict[str, Any]) -> LifecycleEvent:
+    return LifecycleEvent(**{**fields, "type": LifecycleType(fields["type"])})

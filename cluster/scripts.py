@@ -9,8 +9,8 @@ Keys (all under `eb:`; one Redis database is one cluster):
 - `eb:ep:{id}`  hash, one endpoint: u user, o org, k keepAliveSeconds, r reminder (0/1),
   g origin (rest/mqtt), v version, s state, l last keepalive (Redis time), n node holding
   its MQTT connection ("" if none), lk that connection's keep-alive ("" if none), cs
-  connected since (Unix time, "" if none), e fencing epoch, p persistent session (0/1),
-  sb subscriptions (JSON topic -> QoS), qb bytes queued.
+  connected since (Unix time, "" if none), t its transport ("" if none), e fencing epoch,
+  p persistent session (0/1), sb subscriptions (JSON topic -> QoS), qb bytes queued.
 - `eb:q:{id}`   stream of queued QoS 1 events (field p), oldest first.
 - `eb:u:{org}\\0{user}`, `eb:o:{org}`, `eb:all`: sets of ids, for targeting and listing.
 - `eb:due`      sorted set, id -> when its next expiry step is due (SICK, then gone).
@@ -220,13 +220,14 @@ return out
 """
 
 # MQTT CONNECT: ARGV id, user, org, MQTT keep-alive, node, persistent (0/1),
-# default keep-alive for keep-alive 0, max keepAliveSeconds, max endpoints per user.
+# default keep-alive for keep-alive 0, max keepAliveSeconds, max endpoints per user,
+# transport (tcp, tls, websocket).
 # Takes the endpoint over from any other node (whose connection is told to close) and
 # moves the fencing epoch on. Returns {status, created, previous node, state left,
 # session present, record}.
 CONNECT = PRELUDE + r"""
 local id, user, org, mka, node, persistent = ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6]), ARGV[7], ARGV[8]
-local default_ka, max_ka, cap = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
+local default_ka, max_ka, cap, transport = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11]), ARGV[12]
 if redis.call('EXISTS', P .. 'blk:' .. id) == 1 then return {'blocked'} end
 local k = mka
 if k == 0 then k = default_ka end
@@ -254,7 +255,7 @@ local previous = g[1]
 local epoch = redis.call('HINCRBY', key, 'e', 1)
 local present = persistent == '1' and g[2] == '1' and g[3] ~= '{}'
 if not present then redis.call('HSET', key, 'sb', '{}') end
-redis.call('HSET', key, 'n', node, 'lk', mka, 'cs', t, 'p', persistent)
+redis.call('HSET', key, 'n', node, 'lk', mka, 'cs', t, 'p', persistent, 't', transport)
 redis.call('SADD', P .. 'n:' .. node, id)
 if previous ~= '' and previous ~= node then
   redis.call('SREM', P .. 'n:' .. previous, id)
@@ -280,7 +281,7 @@ if clean == '1' and f[1] == 'mqtt' then
 end
 if f[2] == '0' then redis.call('HSET', key, 'l', now())
 elseif last > tonumber(f[4]) then redis.call('HSET', key, 'l', last) end
-redis.call('HSET', key, 'n', '', 'lk', '', 'cs', '')
+redis.call('HSET', key, 'n', '', 'lk', '', 'cs', '', 't', '')
 if f[3] ~= '1' then redis.call('HSET', key, 'sb', '{}') end
 schedule(id)
 return {'detached'}
@@ -406,7 +407,7 @@ for i = 1, #dead, 2 do
     local f = redis.call('HMGET', key, 'n', 'lk', 'p', 'l')
     if f[1] == node then
       if f[2] == '0' and seen > tonumber(f[4]) then redis.call('HSET', key, 'l', seen) end
-      redis.call('HSET', key, 'n', '', 'lk', '', 'cs', '')
+      redis.call('HSET', key, 'n', '', 'lk', '', 'cs', '', 't', '')
       if f[3] ~= '1' then redis.call('HSET', key, 'sb', '{}') end
       schedule(id)
       out[#out + 1] = {'dropped', id, node, record(id)}

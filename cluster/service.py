@@ -148,6 +148,19 @@ class ClusterService(EndpointService):
         now = float(text(answer[0]))
         return [entry_of(text(raw_id), flat).view(now) for raw_id, flat in answer[1:]]
 
+    async def dashboard_rows(self, organization_id: str | None) -> list[dict[str, Any]]:
+        """Every node's endpoints, from Redis; this node's alone while Redis is unreachable."""
+        try:
+            answer = await self.directory.run("LIST", organization_id or "", "")
+        except ClusterUnavailable:
+            return await super().dashboard_rows(organization_id)
+        now = float(text(answer[0]))
+        rows = []
+        for raw_id, flat in answer[1:]:
+            entry = entry_of(text(raw_id), flat)
+            rows.append({**entry.view(now), "transport": entry.transport})
+        return rows
+
     async def send_event_durably(self, principal: Principal, body: object, idempotency_key: str | None) -> int:
         qos = 2
         try:
@@ -226,7 +239,7 @@ class ClusterService(EndpointService):
         answer = await self._run(
             "CONNECT", endpoint_id, user_id, organization_id, mqtt_keep_alive, self.node.node_id,
             int(persistent_session), policy.default_mqtt_keep_alive_seconds, policy.max_keep_alive_seconds,
-            policy.max_endpoints_per_user)
+            policy.max_endpoints_per_user, link.transport_name)
         status = text(answer[0])
         if status == "blocked":
             raise Forbidden(f"endpoint {endpoint_id!r} was logged out; reconnecting is refused for a while",

@@ -14,6 +14,7 @@ Access rules, in one place:
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
 import time
 from collections.abc import Mapping
@@ -75,6 +76,7 @@ class EndpointService:
         # Lifecycle events to `$events/...` MQTT subscribers (endpoint_core.feeds).
         self.feeds = feeds or LifecycleFeeds(ack_timeout_seconds=table.policy.ack_timeout_seconds, clock=clock)
         table.observers.append(self.feeds)
+        table.peer_observers.append(self.feeds)
         self.verifier = verifier
         self.store = store
         self.idempotency = idempotency or IdempotencyKeys()
@@ -300,6 +302,16 @@ class EndpointService:
                 "no targeted endpoint could take the event: their queues are full", "userEndpointId"
             )
         return report.delivered
+
+    async def dashboard_rows(self, organization_id: str | None) -> builtins.list[dict[str, Any]]:
+        """The dashboard's snapshot: every endpoint (of one organisation), with its transport."""
+        table = self.table
+        rows = []
+        for endpoint in table:
+            if organization_id is None or endpoint.organization_id == organization_id:
+                link = endpoint.link
+                rows.append({**table.view(endpoint), "transport": None if link is None else link.transport_name})
+        return rows
 
     # ------------------------------------------------------------ MQTT
 

@@ -151,6 +151,9 @@ class EndpointTable:
         self.journalled = 0
         # Called with every lifecycle event, synchronously (endpoint_core.lifecycle).
         self.observers: list[Callable[[LifecycleEvent], None]] = []
+        # Called with the events other nodes of a cluster made (cluster.node), for what shows a
+        # cluster-wide picture (the MQTT feed, the dashboard); alone, never called.
+        self.peer_observers: list[Callable[[LifecycleEvent], None]] = []
         self.stats = TableStats()
         self._event_seq = itertools.count(1)
         self._id_pattern = re.compile(self.policy.endpoint_id_pattern) if self.policy.endpoint_id_pattern else None

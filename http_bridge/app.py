@@ -64,6 +64,7 @@ def create_app(
 ) -> Starlette:
     streams = DashboardStreams(dashboard or DashboardPolicy())
     service.table.observers.append(streams)
+    service.table.peer_observers.append(streams)
     # Route templates are the closed set of the HTTP metrics' `route` label.
     paths = [route.path for route in routes if isinstance(route, Route)]
     # Metrics off: no /metrics, no lifecycle counts, no loop-lag sampler, no per-request counting.

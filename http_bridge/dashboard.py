@@ -32,7 +32,7 @@ from starlette.responses import FileResponse, Response, StreamingResponse
 from endpoint_core.errors import NotAuthenticated, Unavailable
 from endpoint_core.lifecycle import LifecycleEvent
 from endpoint_core.principals import Principal
-from endpoint_core.table import EndpointTable
+from endpoint_core.service import EndpointService
 from http_bridge.requests import principal_of, service_of
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -112,13 +112,8 @@ class DashboardStreams:
             stream.close()
 
 
-def snapshot(table: EndpointTable, organization_id: str | None) -> dict[str, Any]:
-    rows = []
-    for endpoint in table:
-        if organization_id is None or endpoint.organization_id == organization_id:
-            link = endpoint.link
-            rows.append({**table.view(endpoint), "transport": None if link is None else link.transport_name})
-    return {"endpoints": rows}
+async def snapshot(service: EndpointService, organization_id: str | None) -> dict[str, Any]:
+    return {"endpoints": await service.dashboard_rows(organization_id)}
 
 
 def sse(kind: str, data: Any) -> bytes:
@@ -141,14 +136,14 @@ async def dashboard_script(request: Request) -> Response:
 async def dashboard_events(request: Request) -> Response:
     principal = principal_of(request)
     streams: DashboardStreams = request.app.state.dashboard
-    table = service_of(request).table
+    service = service_of(request)
     stream = streams.open(principal)
 
     async def body() -> AsyncIterator[bytes]:
         loop = asyncio.get_running_loop()
         interval = streams.policy.snapshot_interval_seconds
         try:
-            yield sse("snapshot", snapshot(table, stream.organization_id))
+            yield sse("snapshot", await snapshot(service, stream.organization_id))
             next_snapshot = loop.time() + interval
             while True:
                 await stream.wait(max(0.0, next_snapshot - loop.time()))
@@ -160,7 +155,7 @@ async def dashboard_events(request: Request) -> Response:
                 while stream.events:
                     yield sse("lifecycle", stream.events.popleft().to_json())
                 if loop.time() >= next_snapshot:
-                    yield sse("snapshot", snapshot(table, stream.organization_id))
+                    yield sse("snapshot", await snapshot(service, stream.organization_id))
                     next_snapshot = loop.time() + interval
         finally:
             streams.close(stream)

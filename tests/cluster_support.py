@@ -90,21 +90,22 @@ class LifecycleWatch:
 
 
 class Watches:
-    """One lifecycle subscription on every node: together they see every event, wherever it was made."""
+    """One lifecycle subscription on every node. Each should see every event of the organisation,
+    wherever it was made: the node that made it delivers it, the others get it over Redis."""
 
     def __init__(self, cluster: Cluster, organization_id: str, unique: str) -> None:
         self.watches = [LifecycleWatch(node, organization_id, f"watch-{unique}-{i}")
                         for i, node in enumerate(cluster.nodes)]
-        self.seen: list[dict[str, Any]] = []
+        self.seen: list[list[dict[str, Any]]] = [[] for _ in self.watches]
 
-    def events(self) -> list[dict[str, Any]]:
-        """Every event received so far, from every node."""
-        for watch in self.watches:
-            self.seen += watch.drain()
-        return self.seen
+    def events(self, node: int = 0) -> list[dict[str, Any]]:
+        """Every event the subscription on node `node` received so far."""
+        for index, watch in enumerate(self.watches):
+            self.seen[index] += watch.drain()
+        return self.seen[node]
 
-    def kinds(self, endpoint_id: str) -> list[str]:
-        return [e["type"] for e in self.events() if e["userEndpointId"] == endpoint_id]
+    def kinds(self, endpoint_id: str, node: int = 0) -> list[str]:
+        return [e["type"] for e in self.events(node) if e["userEndpointId"] == endpoint_id]
 
     def close(self) -> None:
         for watch in self.watches:

@@ -8,6 +8,7 @@ comes back) each get a cluster of their own in test_cluster_failures.py.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -98,6 +99,11 @@ def test_every_node_answers_the_same_view(cluster: Cluster, unique: str) -> None
         listed = [node.http(alice).get("/rtc-api/users/endpoints").json() for node in cluster.nodes]
         assert [v["id"] for v in listed[0]] == [endpoint_id]
         assert all(v["connected"] for views_of in listed for v in views_of)
+        with a.http(service_token("backend", org)) as http, http.stream("GET", "/dashboard/events") as stream:
+            lines = stream.iter_lines()
+            assert next(lines) == "event: snapshot"
+            rows = json.loads(next(lines).removeprefix("data: "))["endpoints"]
+        assert [(r["id"], r["connected"], r["transport"]) for r in rows] == [(endpoint_id, True, "tcp")]
     finally:
         client.close()
     assert a.http(alice).post("/rtc-api/users/endpoints/unregister", json={"userEndpointId": endpoint_id}
@@ -229,9 +235,13 @@ def test_an_endpoint_turns_sick_and_expires_once_in_the_whole_cluster(cluster: C
             worker.join()
         wait_until(lambda: b.view(alice, kept).status_code == 404, timeout=15)
         unregistered = "UserEndpointUnregisteredEvent"
-        wait_until(lambda: unregistered in watches.kinds(dropped) and unregistered in watches.kinds(kept))
-        for endpoint_id in (dropped, kept):
-            kinds = watches.kinds(endpoint_id)
-            assert kinds.count("UserEndpointRegisteredEvent") == 1
-            assert kinds.count("UserEndpointStateChangedEvent") == 1  # to SICK, once
-            assert kinds.count(unregistered) == 1  # expired, once
+        for node in range(3):  # every node's subscribers see every event, each made once
+            wait_until(lambda n=node: all(unregistered in watches.kinds(i, n) for i in (dropped, kept)))
+            for endpoint_id in (dropped, kept):
+                kinds = watches.kinds(endpoint_id, node)
+                assert kinds.count("UserEndpointRegisteredEvent") == 1
+                assert kinds.count("UserEndpointStateChangedEvent") == 1  # to SICK, once
+                assert kinds.count(unregistered) == 1  # expired, once
+        ids = [sorted(e["id"] for e in watches.events(node) if e["userEndpointId"] in (dropped, kept))
+               for node in range(3)]
+        assert ids[0] == ids[1] == ids[2]

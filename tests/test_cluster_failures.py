@@ -55,10 +55,10 @@ def test_a_killed_nodes_clients_get_their_events_elsewhere_and_its_other_endpoin
             assert [p.json()["n"] for p in again] == [0, 1] and all(p.dup for p in again)
         # Nobody reconnects `gone`: released once node-0 is taken for dead, then expired on schedule.
         wait_until(lambda: b.view(alice, gone).status_code == 404, timeout=10 + NODE_TTL_SECONDS)
-        reasons = wait_until(lambda: [e.get("reason") for e in watches.events()
+        reasons = wait_until(lambda: [e.get("reason") for e in watches.events(1)
                                       if e["userEndpointId"] == gone and e.get("reason") == "expired"])
         assert reasons == ["expired"]
-        assert "dropped" in [e.get("reason") for e in watches.events()
+        assert "dropped" in [e.get("reason") for e in watches.events(1)
                              if e["userEndpointId"] == gone and e["type"] == "UserEndpointDisconnectedEvent"]
 
 

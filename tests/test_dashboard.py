@@ -8,7 +8,8 @@ import pytest
 
 from endpoint_core.errors import NotAuthenticated, Unavailable
 from endpoint_core.lifecycle import LifecycleEvent, LifecycleType
-from endpoint_core.principals import Principal
+from endpoint_core.principals import JwtVerifier, Principal
+from endpoint_core.service import EndpointService
 from endpoint_core.table import EndpointTable
 from http_bridge.dashboard import DashboardPolicy, DashboardStreams, snapshot
 from tests.fakes import FakeClock, FakeLink
@@ -59,12 +60,13 @@ def test_shutdown_closes_every_stream_and_refuses_new_ones() -> None:
         streams.open(Principal("backend", None, True, EXP))
 
 
-def test_the_snapshot_is_scoped_and_adds_the_transport() -> None:
+async def test_the_snapshot_is_scoped_and_adds_the_transport() -> None:
     table = EndpointTable(clock=FakeClock())
     table.register("alice", "acme", "e1", 60, False)
     table.connect("bob", "acme", "e2", 30, FakeLink(transport_name="websocket"), False)
     table.register("carol", "other", "e3", 60, False)
-    rows = {row["id"]: row for row in snapshot(table, "acme")["endpoints"]}
+    service = EndpointService(table, JwtVerifier(secret="s" * 32))
+    rows = {row["id"]: row for row in (await snapshot(service, "acme"))["endpoints"]}
     assert set(rows) == {"e1", "e2"}
     assert (rows["e1"]["transport"], rows["e2"]["transport"], rows["e2"]["connected"]) == (None, "websocket", True)
-    assert {row["id"] for row in snapshot(table, None)["endpoints"]} == {"e1", "e2", "e3"}
+    assert {row["id"] for row in (await snapshot(service, None))["endpoints"]} == {"e1", "e2", "e3"}
