@@ -33,13 +33,15 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from typing import Any
 
 import orjson
+from prometheus_client.core import Metric
 from redis.exceptions import RedisError
 
 from cluster.directory import Argument, ClusterUnavailable, Directory, EndpointEntry, entry_of, stream_id, text
+from cluster.metrics import ClusterStats, families
 from cluster.table import ClusterTable
 from endpoint_core.clock import Clock, monotonic
 from endpoint_core.endpoint import DisconnectReason, EndpointState, RemovalReason, UserEndpoint
@@ -76,6 +78,7 @@ class ClusterNode:
         self.lease_tick_seconds = lease_tick_seconds
         self._clock = clock
         self._stats = StoreStats()
+        self.cluster_stats = ClusterStats()
         self.redis_ok = False
         self.cluster_epoch: str | None = None
         self._listed = False  # whether a heartbeat of ours was ever seen in eb:nodes
@@ -151,6 +154,11 @@ class ClusterNode:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.directory.close()
+
+    def cluster_metrics(self) -> Iterator[Metric]:
+        """The node's own families (observability.metrics adds them to the service's)."""
+        self.cluster_stats.redis_up = self.redis_ok
+        return families(self.cluster_stats)
 
     def health(self) -> dict[str, Any]:
         return {"node": self.node_id, "redis": "ok" if self.redis_ok else "unreachable"}
@@ -250,6 +258,7 @@ class ClusterNode:
             args += [endpoint_id, at, ""]
         if not args:
             return
+        self.cluster_stats.lease_writes += len(args) // 3
         try:
             answer = await self.directory.run("RENEW", self.node_id, self.cluster_epoch or "", *args)
             if len(answer) == 1:  # the cluster epoch changed: the heartbeat registers them again
@@ -321,7 +330,7 @@ class ClusterNode:
     async def heartbeat(self) -> None:
         before = self._clock()
         try:
-            epoch, listed, at = await self.directory.run("HEARTBEAT", self.node_id, secrets.token_hex(8))
+            epoch, listed, at, nodes = await self.directory.run("HEARTBEAT", self.node_id, secrets.token_hex(8))
         except ClusterUnavailable as exc:
             if self.redis_ok:
                 log.warning("Redis is unreachable (%s): registrations, QoS 1 events and CONNECTs answer "
@@ -329,6 +338,7 @@ class ClusterNode:
             self.redis_ok = False
             return
         self._offset = float(text(at)) - (before + self._clock()) / 2
+        self.cluster_stats.nodes = int(nodes)
         recovered = not self.redis_ok
         if recovered:
             log.info("Redis is reachable at %s as node %s", without_password(self.directory.url), self.node_id)
@@ -387,6 +397,7 @@ class ClusterNode:
             return
         for transition in transitions:
             kind, endpoint_id = text(transition[0]), text(transition[1])
+            self.cluster_stats.expiry_steps["released" if kind == "dropped" else kind] += 1
             if kind == "dropped":
                 entry = entry_of(endpoint_id, transition[3])
                 log.info("endpoint %s released: node %s stopped sending heartbeats", endpoint_id,
@@ -427,6 +438,7 @@ class ClusterNode:
                     pipe.publish(LIFECYCLE_CHANNEL, message)
                 await pipe.execute()
         except (RedisError, OSError) as exc:
+            self.cluster_stats.announce_failures += len(batch)
             log.debug("%d lifecycle event(s) not announced to the other nodes: %s", len(batch), exc)
 
     def witness(self, message: bytes) -> None:

@@ -375,7 +375,7 @@ return {'ok', delivered, full, here}
 """
 
 # One node's heartbeat: ARGV node, an epoch to set if Redis has none (it came back empty).
-# Returns {cluster epoch, whether the node was still listed (1/0), Redis time}.
+# Returns {cluster epoch, whether the node was still listed (1/0), Redis time, nodes listed}.
 HEARTBEAT = PRELUDE + r"""
 local node, candidate = ARGV[3], ARGV[4]
 local t = now()
@@ -386,7 +386,7 @@ if not epoch then
   redis.call('SET', P .. 'epoch', candidate)
   epoch = candidate
 end
-return {epoch, listed and 1 or 0, tostring(t)}
+return {epoch, listed and 1 or 0, tostring(t), redis.call('ZCARD', P .. 'nodes')}
 """
 
 # Expiry and node death, run by every node in turn; each step is atomic, so each

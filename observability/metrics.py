@@ -12,7 +12,7 @@ import platform
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.core import (
@@ -251,6 +251,16 @@ class BrokerCollector(Collector):
                                 value=stats.last_batch_rows)
         yield GaugeMetricFamily(_name("store_pending_rows"), "Changes journalled and not yet committed.",
                                 value=stats.pending_rows)
+        store = self.sources.store
+        if isinstance(store, ClusterNodeMetrics):
+            yield from store.cluster_metrics()
+
+
+@runtime_checkable
+class ClusterNodeMetrics(Protocol):
+    """A cluster node's store (cluster.node) adds families of its own, listed in README "Cluster"."""
+
+    def cluster_metrics(self) -> Iterator[Metric]: ...
 
 
 def _labelled(family: CounterMetricFamily, counts: dict[str, int] | dict[tuple[str, str], int]) \

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as paho
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.redis_support import RedisServer
 from tests.support import ServiceProcess, service_token
@@ -59,6 +60,16 @@ class Cluster:
     def record(self, endpoint_id: str) -> dict[str, str]:
         """The endpoint's hash in Redis (cluster.scripts), as text."""
         return self.redis.client().hgetall(f"eb:ep:{endpoint_id}")  # type: ignore[no-any-return]
+
+
+def metric(node: ServiceProcess, name: str, **labels: str) -> float:
+    """One sample of a node's GET /metrics (0 if absent)."""
+    text = node.http().get("/metrics").text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return 0.0
 
 
 class LifecycleWatch:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.cluster_support import NODE_TTL_SECONDS, Cluster, lifecycle_watches
+from tests.cluster_support import NODE_TTL_SECONDS, Cluster, lifecycle_watches, metric
 from tests.support import PahoClient, RawMqtt, event, service_token, token, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -55,6 +55,11 @@ def test_a_killed_nodes_clients_get_their_events_elsewhere_and_its_other_endpoin
             assert [p.json()["n"] for p in again] == [0, 1] and all(p.dup for p in again)
         # Nobody reconnects `gone`: released once node-0 is taken for dead, then expired on schedule.
         wait_until(lambda: b.view(alice, gone).status_code == 404, timeout=10 + NODE_TTL_SECONDS)
+        # Only node-1 sweeps now: it released node-0's two connections (gone's, and the lifecycle
+        # watch's; held's had moved to node-1 already) and expired gone.
+        steps = {step: metric(b, "endpoint_broker_cluster_expiry_steps_total", step=step)
+                 for step in ("released", "expired")}
+        assert steps == {"released": 2, "expired": 1}
         reasons = wait_until(lambda: [e.get("reason") for e in watches.events(1)
                                       if e["userEndpointId"] == gone and e.get("reason") == "expired"])
         assert reasons == ["expired"]
@@ -75,6 +80,7 @@ def test_while_redis_is_frozen_nodes_stay_up_answer_503_and_recover_without_a_re
         cluster.redis.pause()
         wait_until(lambda: a.health()["status"] == "degraded", timeout=15)
         assert a.health()["cluster"] == {"node": "node-0", "redis": "unreachable"}
+        assert metric(a, "endpoint_broker_cluster_redis_up") == 0
         assert send(a, org, qos=1).status_code == 503  # type: ignore[attr-defined]
         register = a.http(alice).post("/rtc-api/users/endpoints", json={"keepAliveSeconds": 60})
         assert register.status_code == 503 and register.headers["content-type"] == "application/problem+json"
@@ -88,6 +94,8 @@ def test_while_redis_is_frozen_nodes_stay_up_answer_503_and_recover_without_a_re
         assert b'"marker":"frozen"' in here.next_message().payload
         cluster.redis.resume()
         wait_until(lambda: a.health()["status"] == "ok" and b.health()["status"] == "ok", timeout=15)
+        assert metric(a, "endpoint_broker_cluster_redis_up") == 1
+        assert metric(a, "endpoint_broker_cluster_nodes") == 2
         assert a.http(alice).post("/rtc-api/users/endpoints", json={"keepAliveSeconds": 60}).status_code == 200
         with RawMqtt(b.mqtt_port) as accepted:
             assert accepted.connect(f"new-{unique}", "alice", alice) == (0, False)

@@ -30,7 +30,7 @@ async def directory(redis_server: RedisServer) -> AsyncIterator[Directory]:
 async def connect(directory: Directory, endpoint_id: str, node: str = "n1", keep_alive: int = 60,
                   user: str = "alice", persistent: bool = False) -> list[object]:
     answer: list[object] = await directory.run("CONNECT", endpoint_id, user, "org", keep_alive, node,
-                                               int(persistent), 60, 86_400, 100)
+                                               int(persistent), 60, 86_400, 100, "tcp")
     return answer
 
 

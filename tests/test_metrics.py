@@ -20,7 +20,7 @@ from config import Settings
 from endpoint_core.counting import BucketCounts
 from endpoint_core.principals import JwtVerifier
 from endpoint_core.service import EndpointService
-from endpoint_core.table import EndpointTable
+from endpoint_core.table import EndpointTable, TablePolicy
 from http_bridge.openapi import OPENAPI_PATH
 from observability.context import request_id
 from observability.lifecycle_counts import LifecycleCounts
@@ -131,6 +131,25 @@ def documented_metrics(readme: str) -> dict[str, tuple[str, str]]:
 
 def test_the_readme_lists_every_metric_with_its_type() -> None:
     assert documented_metrics((ROOT / "README.md").read_text()) == our_families(collector_sources())
+
+
+def test_the_readme_lists_every_cluster_metric_with_its_type() -> None:
+    """A cluster node's own families are in README "Cluster", in the same table form."""
+    from cluster.directory import Directory
+    from cluster.node import ClusterNode
+    from cluster.table import ClusterTable
+
+    node = ClusterNode(Directory("redis://127.0.0.1:1/0", TablePolicy()), ClusterTable(), "n1")  # never connects
+    sources = collector_sources()
+    sources = Sources(sources.service, sources.mqtt, node, sources.http, sources.lifecycle, sources.loop)
+    cluster_families = {name: kind for name, kind in our_families(sources).items()
+                        if name.startswith("endpoint_broker_cluster_")}
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Cluster", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| (endpoint_broker_[a-z_]+) \| (counter|gauge|histogram|summary) \| ([^|]*) \|", section,
+                      flags=re.MULTILINE)
+    assert {name: (kind, labels.strip()) for name, kind, labels in rows} == cluster_families
+    assert len(cluster_families) == 5
 
 
 # ------------------------------------------------------------------ the real service
