@@ -26,6 +26,8 @@ from endpoint_core.table import TablePolicy
 
 Argument = bytes | str | int | float
 
+# Connections to Redis per node for commands (the mailbox has one more of its own).
+MAX_CONNECTIONS = 64
 # Each call waits this long for Redis at most: a paused or unreachable Redis answers 503 by then.
 DEFAULT_TIMEOUT_SECONDS = 2.0
 
@@ -136,13 +138,17 @@ class Directory:
     def __init__(self, url: str, policy: TablePolicy, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> None:
         self.url = url
         self.policy = policy
-        self.redis: aioredis.Redis = aioredis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout, retry_on_timeout=False,
+        # A bounded pool that waits for a free connection: redis-py's default pool raises "Too many
+        # connections" past 100, which turned bursts of concurrent requests into 503s.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=MAX_CONNECTIONS, timeout=timeout,
+            socket_timeout=timeout, socket_connect_timeout=timeout, retry_on_timeout=False,
             health_check_interval=0, decode_responses=False,
             # Once, at once: a pooled connection may be stale after Redis restarted; more would
             # only hold the caller past its timeout while Redis is down.
             retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError],
         )
+        self.redis: aioredis.Redis = aioredis.Redis(connection_pool=pool)
         # The mailbox's own client, which never reconnects behind our back: a subscription lost
         # with its connection must surface, so that the node loads what it may have missed.
         self._mailbox: aioredis.Redis = aioredis.Redis.from_url(
@@ -152,7 +158,7 @@ class Directory:
         self._grace = Grace.of(policy)
         self._scripts = {name: self.redis.register_script(getattr(scripts, name)) for name in (
             "REGISTER", "KEEPALIVE", "RENEW", "UNREGISTER", "VIEW", "LIST", "CONNECT", "DETACH",
-            "SUBSCRIPTIONS", "ACKNOWLEDGE", "SEND", "HEARTBEAT", "SWEEP", "REREGISTER",
+            "SUBSCRIPTIONS", "ACKNOWLEDGE", "SEND", "HEARTBEAT", "SWEEP", "REREGISTER", "RELEASE",
         )}
 
     async def run(self, name: str, *args: Argument) -> Any:

@@ -33,10 +33,11 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from typing import Any
 
 import orjson
+from cachetools import TTLCache
 from prometheus_client.core import Metric
 from redis.exceptions import RedisError
 
@@ -53,6 +54,8 @@ log = logging.getLogger("endpoint_broker.cluster")
 
 LEASE_FRACTION = 1 / 3
 LIFECYCLE_CHANNEL = "eb:lifecycle"
+# Every this many heartbeats, a node checks that Redis lists it for no connection it lacks.
+AUDIT_EVERY = 5
 # Endpoints one sweep looks at, at most: the rest waits for the next sweep, not the loop.
 SWEEP_LIMIT = 500
 
@@ -97,6 +100,12 @@ class ClusterNode:
         # Detaches Redis did not take yet (it was down): id -> (epoch, clean, Redis time of last keepalive).
         self._undetached: dict[str, tuple[int, bool, float]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._beats = 0
+        self._orphans: set[str] = set()  # at the last audit
+        # Endpoint id -> the newest epoch another node closed here lately (see superseded).
+        self._closed: TTLCache[str, int] = TTLCache(maxsize=100_000, ttl=60)
+        # Endpoints with a load from their stream in flight -> whether news came meanwhile.
+        self._pulling: dict[str, bool] = {}
         self._detaching: set[asyncio.Task[None]] = set()
         self._stopping = False
         # Lifecycle events made here, on their way to the other nodes (`eb:lifecycle`).
@@ -113,8 +122,22 @@ class ClusterNode:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        for job in (self._heartbeats(), self._sweeps(), self._leases(), self._mailbox()):
-            self._spawn(job)
+        self._spawn(self._every(self.heartbeat_seconds, self.heartbeat, first_at_once=True))
+        self._spawn(self._every(self.sweep_seconds, self.sweep))
+        self._spawn(self._every(self.lease_tick_seconds, self.renew))
+        self._spawn(self._mailbox())
+
+    async def _every(self, seconds: float, job: Callable[[], Awaitable[None]], first_at_once: bool = False) -> None:
+        """Run `job` every `seconds` for the node's life: a bug in one run must not end the loop
+        (a node without heartbeats is taken for dead; without leases, its endpoints turn SICK)."""
+        if not first_at_once:
+            await asyncio.sleep(seconds)
+        while True:
+            try:
+                await job()
+            except Exception:
+                log.exception("cluster: %s failed; again in %ss", getattr(job, "__name__", job), seconds)
+            await asyncio.sleep(seconds)
 
     def append(self, changes: Sequence[Change]) -> None:
         for change in changes:
@@ -201,11 +224,25 @@ class ClusterNode:
                 subscriptions[(change.record.id, epoch)] = change.record.subscriptions
             elif isinstance(change, DeleteEvent):
                 acknowledged.setdefault((change.endpoint_id, epoch), []).append(stream_id(change.seq))
+        stale = []
         for (endpoint_id, epoch), topics in subscriptions.items():
-            await self.directory.run("SUBSCRIPTIONS", endpoint_id, self.node_id, epoch,
-                                     orjson.dumps(dict(topics)))
+            if text(await self.directory.run("SUBSCRIPTIONS", endpoint_id, self.node_id, epoch,
+                                             orjson.dumps(dict(topics)))) == "stale":
+                stale.append(endpoint_id)
         for (endpoint_id, epoch), ids in acknowledged.items():
-            await self.directory.run("ACKNOWLEDGE", endpoint_id, self.node_id, epoch, *ids)
+            if text(await self.directory.run("ACKNOWLEDGE", endpoint_id, self.node_id, epoch, *ids)) == "stale":
+                stale.append(endpoint_id)
+        # Refused: another node holds it now. Its connection here closes before any answer
+        # (a SUBACK waiting for this write is never sent on a closed connection).
+        for endpoint_id in stale:
+            self._lost(endpoint_id)
+
+    def _lost(self, endpoint_id: str) -> None:
+        copy = self.table.get(endpoint_id)
+        if copy is not None:
+            log.info("endpoint %s is no longer held by this node (taken over, or this node was presumed "
+                     "dead); closing its connection", endpoint_id)
+            self.table.forget(copy, DisconnectReason.TAKEN_OVER)
 
     # ------------------------------------------------------------ leases
 
@@ -225,11 +262,6 @@ class ClusterNode:
         previous = self._deferred.get(endpoint_id)
         due = self._clock() + max(0.0, due_in) if previous is None else previous[1]
         self._deferred[endpoint_id] = (at, due)
-
-    async def _leases(self) -> None:
-        while True:
-            await asyncio.sleep(self.lease_tick_seconds)
-            await self.renew()
 
     async def renew(self, everything: bool = False) -> None:
         """Write the keepalives that are due (all held ones with `everything`), fenced."""
@@ -272,11 +304,7 @@ class ClusterNode:
                 self._deferred.setdefault(endpoint_id, (at, now))
             return
         for raw in stale:
-            copy = self.table.get(text(raw))
-            if copy is not None:
-                log.info("endpoint %s is no longer held by this node (taken over, or this node was presumed "
-                         "dead); closing its connection", copy.id)
-                self.table.forget(copy, DisconnectReason.TAKEN_OVER)
+            self._lost(text(raw))
         for raw_id, left, record in revived:
             entry = entry_of(text(raw_id), record)
             self.table.emit(LifecycleType.STATE_CHANGED, entry, previous_state=EndpointState(text(left)))
@@ -308,24 +336,41 @@ class ClusterNode:
             self.table.emit(LifecycleType.UNREGISTERED, entry, reason=RemovalReason.DISCONNECTED)
             log.info("endpoint %s removed: %s", endpoint_id, RemovalReason.DISCONNECTED)
 
-    async def pull(self, endpoint_id: str) -> None:
-        """Load what was queued for a held endpoint since the last load, and send it."""
-        if endpoint_id not in self.table.loaded:
+    def superseded(self, endpoint_id: str, epoch: int) -> bool:
+        """Whether a CONNECT granted `epoch` lost to a newer one before its copy was made here."""
+        return self._closed.get(endpoint_id, 0) >= epoch
+
+    def pull(self, endpoint_id: str) -> None:
+        """Load, in stream order, what was queued for a held endpoint since the last load, and send it.
+
+        The one way a held endpoint's QoS 1 events reach it (a wake from another node, this
+        node's own sendEvent, a take-over, a resync): each load reads everything after the
+        newest event loaded so far, so events whose news arrive out of order are never skipped.
+        One load per endpoint runs at a time; news during it make it read once more.
+        """
+        if endpoint_id in self._pulling:
+            self._pulling[endpoint_id] = True
             return
+        self._pulling[endpoint_id] = False
+        self._spawn(self._pull(endpoint_id))
+
+    async def _pull(self, endpoint_id: str) -> None:
         try:
-            events = await self.directory.queued(endpoint_id, self.table.loaded[endpoint_id])
-        except ClusterUnavailable:
-            return  # the mailbox's resync loads it once Redis is back
-        endpoint = self.table.get(endpoint_id)
-        if endpoint is not None:
-            self.table.take(endpoint, events)
+            again = True
+            while again and endpoint_id in self.table.loaded:
+                self._pulling[endpoint_id] = False
+                try:
+                    events = await self.directory.queued(endpoint_id, self.table.loaded[endpoint_id])
+                except ClusterUnavailable:
+                    return  # the mailbox's resync loads it once Redis answers again
+                endpoint = self.table.get(endpoint_id)
+                if endpoint is not None:
+                    self.table.take(endpoint, events)
+                again = self._pulling[endpoint_id]
+        finally:
+            del self._pulling[endpoint_id]
 
     # ---------------------------------------------------------- heartbeat
-
-    async def _heartbeats(self) -> None:
-        while True:
-            await self.heartbeat()
-            await asyncio.sleep(self.heartbeat_seconds)
 
     async def heartbeat(self) -> None:
         before = self._clock()
@@ -349,19 +394,30 @@ class ClusterNode:
         elif epoch != self.cluster_epoch:
             log.warning("Redis came back empty (cluster epoch %s, was %s): registering the %d endpoint(s) "
                         "this node holds again, as UNKNOWN", epoch, self.cluster_epoch, len(self.table))
+            if not await self._reregister():
+                return  # again at the next heartbeat; leases wait for it (RENEW answers "epoch")
             self.cluster_epoch = epoch
-            await self._reregister()
         elif not listed and self._listed:
             log.warning("this node was presumed dead (no heartbeat for %ss): checking what it still holds",
                         self.node_ttl_seconds)
             await self.renew(everything=True)
         self._listed = True
-        for endpoint_id in list(self._undetached):
-            await self._detach(endpoint_id)
+        await self._settle_detaches()
+        self._beats += 1
+        if self._beats % AUDIT_EVERY == 0:
+            await self._audit()
 
-    async def _reregister(self) -> None:
+    async def _settle_detaches(self) -> None:
+        """Detaches Redis did not take while it was unreachable, a few at a time."""
+        pending = list(self._undetached)
+        for start in range(0, len(pending), 100):
+            await asyncio.gather(*(self._detach(i) for i in pending[start:start + 100]))
+
+    async def _reregister(self) -> bool:
+        """Register the held endpoints again in an empty Redis; False if Redis did not take them."""
         args: list[Argument] = []
-        for endpoint in self.table:
+        held = list(self.table)
+        for endpoint in held:
             args += [endpoint.id, endpoint.user_id, endpoint.organization_id, endpoint.keep_alive_seconds,
                      int(endpoint.server_keep_alive_reminder_on), endpoint.origin.value, endpoint.version + 1,
                      "" if endpoint.link_keep_alive is None else endpoint.link_keep_alive,
@@ -369,28 +425,53 @@ class ClusterNode:
                      orjson.dumps(endpoint.subscriptions)]
             self.table.loaded[endpoint.id] = 0  # the old stream ids are gone with the data
         if not args:
-            return
+            return True
         try:
             done = await self.directory.run("REREGISTER", self.node_id, *args)
         except ClusterUnavailable:
-            self.cluster_epoch = None  # not done: again at the next heartbeat
-            return
+            return False
+        registered = set()
         for raw_id, record in done:
             entry = entry_of(text(raw_id), record)
+            registered.add(entry.id)
             copy = self.table.get(entry.id)
             if copy is not None:
                 copy.state, copy.version = entry.state, entry.version
             self.table.emit(LifecycleType.STATE_CHANGED, entry)
+        for endpoint in held:
+            if endpoint.id not in registered:  # taken meanwhile, by another node's CONNECT or a REST register
+                self._lost(endpoint.id)
+        return True
+
+    async def _audit(self) -> None:
+        """Release what Redis says this node holds but it does not, seen so at two audits in a row
+        (a CONNECT's answer may be on its way at the first): a CONNECT whose answer was lost, or an
+        earlier process under the same node id. Also forget leases of endpoints no longer held."""
+        for endpoint_id in [i for i in self._written if i not in self.table.epochs]:
+            del self._written[endpoint_id]
+        try:
+            members = await self.directory.redis.smembers(f"eb:n:{self.node_id}")
+        except (RedisError, OSError):
+            return
+        orphans = {text(m) for m in members} - set(self.table.epochs)
+        confirmed, self._orphans = orphans & self._orphans, orphans - self._orphans
+        if not confirmed:
+            return
+        try:
+            released = await self.directory.run("RELEASE", self.node_id, *sorted(confirmed))
+        except ClusterUnavailable:
+            return
+        for raw_id, record in released:
+            entry = entry_of(text(raw_id), record)
+            log.info("endpoint %s released: this node does not hold its connection", entry.id)
+            self.cluster_stats.expiry_steps["released"] += 1
+            self.table.emit(LifecycleType.DISCONNECTED, entry, reason=DisconnectReason.DROPPED)
 
     # -------------------------------------------------------------- sweep
 
-    async def _sweeps(self) -> None:
-        while True:
-            await asyncio.sleep(self.sweep_seconds)
-            if self.redis_ok:
-                await self.sweep()
-
     async def sweep(self) -> None:
+        if not self.redis_ok:
+            return
         try:
             transitions = await self.directory.run("SWEEP", self.node_ttl_seconds, SWEEP_LIMIT)
         except ClusterUnavailable:
@@ -467,10 +548,16 @@ class ClusterNode:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if message is None:
                         continue
-                    if message["channel"] == LIFECYCLE_CHANNEL.encode():
-                        self.witness(bytes(message["data"]))
-                    else:
-                        self.deliver(bytes(message["data"]))
+                    try:
+                        if message["channel"] == LIFECYCLE_CHANNEL.encode():
+                            self.witness(bytes(message["data"]))
+                        else:
+                            self.deliver(bytes(message["data"]))
+                    except Exception:
+                        # One message we cannot read (another node's newer version, say) must not
+                        # end the mailbox: wakes and closes come through it.
+                        log.exception("cluster: a message on %s could not be handled: %r", message["channel"],
+                                      bytes(message["data"])[:200])
             except (RedisError, OSError, ClusterUnavailable) as exc:
                 log.debug("mailbox: %s; subscribing again", exc)
             finally:
@@ -480,9 +567,12 @@ class ClusterNode:
             delay = min(delay * 2, 2.0)
 
     async def _resync(self) -> None:
-        """After (re)subscribing: messages may have been missed, so load every held queue and renew."""
+        """After (re)subscribing, messages may have been missed: load every held queue, read every
+        held endpoint's settings again (a REST re-registration's "refresh"), and renew them all."""
         for endpoint_id in list(self.table.loaded):
-            await self.pull(endpoint_id)
+            self.pull(endpoint_id)
+        for endpoint_id in list(self.table.epochs):
+            await self._refresh(endpoint_id)
         if self.table.epochs:
             await self.renew(everything=True)
 
@@ -497,9 +587,11 @@ class ClusterNode:
                     self.table.deliver((endpoint,), rest, 0)
         elif kind == "wake":
             for endpoint_id in args.split():
-                self._spawn(self.pull(endpoint_id))
+                self.pull(endpoint_id)
         elif kind == "close":
             endpoint_id, epoch, reason = args.split(" ", 2)
+            # Kept for a CONNECT whose copy is not made yet: a newer one elsewhere already won.
+            self._closed[endpoint_id] = max(int(epoch), self._closed.get(endpoint_id, 0))
             endpoint = self.table.get(endpoint_id)
             if endpoint is not None and self.table.epochs.get(endpoint_id, 0) <= int(epoch):
                 self.table.forget(endpoint, CLOSE_REASONS.get(reason, DisconnectReason.TAKEN_OVER))

@@ -100,6 +100,20 @@ local function revive(id, t)
   end
   return false
 end
+-- A connection `node` held is gone with the node (or never was): the endpoint is held by no one.
+-- A keep-alive-0 connection's last sign of life is `seen`. Returns the record, or nil if another
+-- node holds it now.
+local function release(id, node, seen)
+  local key = ekey(id)
+  local f = redis.call('HMGET', key, 'n', 'lk', 'p', 'l')
+  redis.call('SREM', P .. 'n:' .. node, id)
+  if f[1] ~= node then return nil end
+  if f[2] == '0' and seen > tonumber(f[4]) then redis.call('HSET', key, 'l', seen) end
+  redis.call('HSET', key, 'n', '', 'lk', '', 'cs', '', 't', '')
+  if f[3] ~= '1' then redis.call('HSET', key, 'sb', '{}') end
+  schedule(id)
+  return record(id)
+end
 local function fenced(id, node, epoch)
   local f = redis.call('HMGET', ekey(id), 'n', 'e')
   return f[1] == node and f[2] == epoch
@@ -147,7 +161,8 @@ if f[3] ~= 'HEALTHY' then
   return {'revived', left, record(id)}
 end
 local per = period(f[5], f[6])
-if per == nil or t - tonumber(f[4]) >= per * fraction then
+if per == nil then return {'written'} end  -- a keep-alive-0 connection holds it: no deadline to move
+if t - tonumber(f[4]) >= per * fraction then
   redis.call('HSET', key, 'l', t)
   schedule(id)
   return {'written'}
@@ -400,20 +415,14 @@ local t = now()
 local out = {}
 local dead = redis.call('ZRANGEBYSCORE', P .. 'nodes', '-inf', t - ttl, 'WITHSCORES')
 for i = 1, #dead, 2 do
+  -- At most `limit` connections per dead node per call: the node stays listed (dead) until all
+  -- are released, so one sweep of a node that held 100k connections does not block Redis.
   local node, seen = dead[i], tonumber(dead[i + 1])
-  redis.call('ZREM', P .. 'nodes', node)
-  for _, id in ipairs(redis.call('SMEMBERS', P .. 'n:' .. node)) do
-    local key = ekey(id)
-    local f = redis.call('HMGET', key, 'n', 'lk', 'p', 'l')
-    if f[1] == node then
-      if f[2] == '0' and seen > tonumber(f[4]) then redis.call('HSET', key, 'l', seen) end
-      redis.call('HSET', key, 'n', '', 'lk', '', 'cs', '', 't', '')
-      if f[3] ~= '1' then redis.call('HSET', key, 'sb', '{}') end
-      schedule(id)
-      out[#out + 1] = {'dropped', id, node, record(id)}
-    end
+  for _, id in ipairs(redis.call('SRANDMEMBER', P .. 'n:' .. node, limit)) do
+    local released = release(id, node, seen)
+    if released then out[#out + 1] = {'dropped', id, node, released} end
   end
-  redis.call('DEL', P .. 'n:' .. node)
+  if redis.call('SCARD', P .. 'n:' .. node) == 0 then redis.call('ZREM', P .. 'nodes', node) end
 end
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'due', '-inf', t, 'LIMIT', 0, limit)) do
   local f = redis.call('HMGET', ekey(id), 'k', 'lk', 'l', 's', 'n')
@@ -459,4 +468,18 @@ for i = 4, #ARGV, 11 do
   end
 end
 return done
+"""
+
+# Connections a node is listed for in `eb:n:{node}` but does not hold: a CONNECT whose answer
+# never reached it, or an earlier process under the same node id. ARGV node, then ids.
+# Returns {id, record} for each released.
+RELEASE = PRELUDE + r"""
+local node = ARGV[3]
+local t = now()
+local out = {}
+for i = 4, #ARGV do
+  local released = release(ARGV[i], node, t)
+  if released then out[#out + 1] = {ARGV[i], released} end
+end
+return out
 """

@@ -16,7 +16,7 @@ import logging
 import time
 from typing import Any
 
-from cluster.directory import Argument, ClusterUnavailable, Directory, EndpointEntry, entry_of, stream_seq, text
+from cluster.directory import Argument, ClusterUnavailable, Directory, EndpointEntry, entry_of, text
 from cluster.node import LEASE_FRACTION, ClusterNode
 from cluster.table import ClusterTable
 from endpoint_core.endpoint import DisconnectReason, EndpointLink, EndpointState, RemovalReason, UserEndpoint
@@ -192,13 +192,11 @@ class ClusterService(EndpointService):
                 if status == "notfound":
                     raise not_an_endpoint_of_user()
                 report = DeliveryReport(int(answer[1]), [text(i) for i in answer[2]])
-                for raw_id, raw_stream_id in answer[3]:
-                    endpoint = self.table.get(text(raw_id))
-                    if endpoint is None:
-                        continue  # it left this node meanwhile: its queue in Redis has the event
+                for raw_id, _ in answer[3]:  # targets whose connection this node holds
+                    endpoint_id = text(raw_id)
                     if qos == 1:
-                        self.table.take(endpoint, [(stream_seq(text(raw_stream_id)), payload)])
-                    else:
+                        self.node.pull(endpoint_id)  # in stream order, as a wake from another node would
+                    elif (endpoint := self.table.get(endpoint_id)) is not None:
                         self.table.deliver((endpoint,), payload, 0)
             delivered = self._delivered(command, organization_id, payload, report)
         except DomainError:
@@ -254,8 +252,12 @@ class ClusterService(EndpointService):
             events = await self.directory.queued(endpoint_id, 0)
         except ClusterUnavailable:
             events = []  # loaded by the mailbox's resync once Redis answers again
-        endpoint = self.table.adopt(entry, link, events)
+        endpoint = None if self.node.superseded(endpoint_id, entry.epoch) else self.table.adopt(entry, link, events)
+        # Made either way: the newer connection's node reports this one taken over.
         self._connect_events(entry, created, previous_node, left, link)
+        if endpoint is None:
+            raise Unavailable("a newer connection of this client id took the endpoint while this one connected")
+        self.node.pull(endpoint_id)  # what was queued after that read, whose wake came before the copy
         return endpoint, present is not None
 
     def _connect_events(self, entry: EndpointEntry, created: bool, previous_node: str, left: Any,

@@ -45,15 +45,18 @@ class ClusterTable(EndpointTable):
 
     # ------------------------------------------------------------ copies
 
-    def adopt(self, entry: EndpointEntry, link: EndpointLink, events: list[tuple[int, bytes]]) -> UserEndpoint:
+    def adopt(self, entry: EndpointEntry, link: EndpointLink, events: list[tuple[int, bytes]]) -> UserEndpoint | None:
         """Hold the endpoint `entry` with `link`, as the CONNECT script granted it (epoch included).
 
         A link of an earlier CONNECT here is closed (a take-over on the same node); its queued
-        events come from Redis, which has them all.
+        events come from Redis, which has them all. None if a newer CONNECT here already holds
+        it (their answers from Redis came back out of order): the newest connection wins.
         """
         now = self._clock()
         previous = self._by_id.get(entry.id)
         if previous is not None:
+            if self.epochs.get(entry.id, 0) > entry.epoch:
+                return None
             self.forget(previous, DisconnectReason.TAKEN_OVER)
         endpoint = UserEndpoint(entry.id, entry.user_id, entry.organization_id, entry.keep_alive_seconds,
                                 entry.reminder_on, entry.origin, now, state=entry.state, version=entry.version,
