@@ -177,6 +177,62 @@ def test_a_reconnect_to_another_node_takes_over_with_its_unacknowledged_events(c
         first.close()
 
 
+def test_concurrent_events_from_every_node_all_arrive_in_the_end(cluster: Cluster, unique: str) -> None:
+    """Answers to concurrent sendEvents come back in any order; every event taken is delivered."""
+    org = f"org-{unique}"
+    alice, backend = token("alice", org), service_token("backend", org)
+    endpoint_id = f"busy-{unique}"
+    client = PahoClient(endpoint_id, username="alice", password=alice, port=cluster.nodes[0].mqtt_port)
+    https = [node.http(backend) for node in cluster.nodes]
+    try:
+        assert client.connect() == 0
+        assert client.subscribe(f"users/endpoints/{endpoint_id}") == [1]
+
+        def send(n: int) -> int:
+            return https[n % 3].post("/rtc-api/users/endpoints/sendEvent", json={
+                "organizationId": org, "userId": "alice", "qos": 1, "event": event(n=n)}).status_code
+
+        with ThreadPoolExecutor(16) as pool:
+            assert set(pool.map(send, range(150))) == {200}
+        received: set[int] = set()
+        while len(received) < 150:
+            received.add(json.loads(client.next_message(timeout=10).payload)["n"])
+        wait_until(lambda: cluster.redis.client().xlen(f"eb:q:{endpoint_id}") == 0)
+    finally:
+        for http in https:
+            http.close()
+        client.close()
+
+
+def test_racing_connects_on_two_nodes_leave_one_connection(cluster: Cluster, unique: str) -> None:
+    """The newest CONNECT wins even when the older one's answer from Redis arrives last."""
+    a, b, _ = cluster.nodes
+    for round_ in range(8):
+        endpoint_id = f"race-{round_}-{unique}"
+        user = f"user{round_}"  # each its own: the module's cluster caps endpoints per user at 3
+        bearer = token(user, f"org-{unique}")
+        clients = [RawMqtt(a.mqtt_port), RawMqtt(b.mqtt_port)]
+        def connect(client: RawMqtt, i: str = endpoint_id, u: str = user, t: str = bearer) -> int | None:
+            try:
+                return client.connect(i, u, t, keep_alive=0)[0]
+            except EOFError:
+                return None  # taken over between its grant and its CONNACK: closed, as any loser
+
+        try:
+            with ThreadPoolExecutor(2) as pool:
+                codes = list(pool.map(connect, clients))
+            assert 0 in codes and set(codes) <= {0, 3, None}, codes
+            wait_until(lambda i=endpoint_id: cluster.record(i).get("n") in ("node-0", "node-1"))
+            holder = 0 if cluster.record(endpoint_id)["n"] == "node-0" else 1
+            assert codes[holder] == 0
+            clients[1 - holder].wait_closed(10)  # the other one is refused or closed
+            clients[holder].ping()
+            assert clients[holder].read_packet()[0] == 13  # PINGRESP: the winner is still connected
+        finally:
+            for client in clients:
+                client.close()
+
+
 def aof_mentions(cluster: Cluster, key: str) -> int:
     """How many times the AOF (every write, fsynced) names `key`: one or more per write."""
     return sum(path.read_bytes().count(key.encode()) for path in Path(cluster.redis.data_dir).rglob("*.aof"))
