@@ -67,6 +67,16 @@ CLOSE_REASONS = {
 }
 
 
+@dataclasses.dataclass(frozen=True, slots=True, eq=False)
+class Detach:
+    """A held connection that ended, until Redis has taken it."""
+
+    endpoint: UserEndpoint  # the copy as it was (for its DISCONNECTED event)
+    epoch: int
+    reason: DisconnectReason
+    last_keepalive: float  # Redis time
+
+
 class ClusterNode:
     def __init__(self, directory: Directory, table: ClusterTable, node_id: str, *,
                  heartbeat_seconds: float = 1.0, node_ttl_seconds: float = 5.0, sweep_seconds: float = 0.5,
@@ -97,8 +107,8 @@ class ClusterNode:
         self._written: dict[str, float] = {}
         # REST keepalives this node answered without writing: id -> (Redis time, our clock when due).
         self._deferred: dict[str, tuple[float, float]] = {}
-        # Detaches Redis did not take yet (it was down): id -> (epoch, clean, Redis time of last keepalive).
-        self._undetached: dict[str, tuple[int, bool, float]] = {}
+        # Detaches Redis did not take yet (it was down, or the answer is on its way).
+        self._undetached: dict[str, Detach] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._beats = 0
         self._orphans: set[str] = set()  # at the last audit
@@ -314,24 +324,30 @@ class ClusterNode:
     def _detached(self, endpoint: UserEndpoint, epoch: int, reason: DisconnectReason) -> None:
         self._dirty.pop(endpoint.id, None)
         self._written.pop(endpoint.id, None)
-        self._undetached[endpoint.id] = (epoch, reason is DisconnectReason.CLEAN,
-                                         self.redis_time(endpoint.last_keepalive))
+        self._undetached[endpoint.id] = Detach(endpoint, epoch, reason, self.redis_time(endpoint.last_keepalive))
         task = self._spawn(self._detach(endpoint.id))
         self._detaching.add(task)
         task.add_done_callback(self._detaching.discard)
 
     async def _detach(self, endpoint_id: str) -> None:
+        """Tell Redis a held connection ended; its DISCONNECTED event is made once Redis took it,
+        and not at all if the endpoint was another node's by then (that node reports it)."""
         pending = self._undetached.get(endpoint_id)
         if pending is None:
             return
-        epoch, clean, last = pending
+        clean = pending.reason is DisconnectReason.CLEAN
         try:
-            answer = await self.directory.run("DETACH", endpoint_id, self.node_id, epoch, int(clean), last)
+            answer = await self.directory.run("DETACH", endpoint_id, self.node_id, pending.epoch, int(clean),
+                                              pending.last_keepalive)
         except ClusterUnavailable:
             return  # retried after the next good heartbeat
-        if self._undetached.get(endpoint_id) == pending:
+        if self._undetached.get(endpoint_id) is pending:
             del self._undetached[endpoint_id]
-        if text(answer[0]) == "removed":
+        status = text(answer[0])
+        if status == "stale":
+            return
+        self.table.emit_of(LifecycleType.DISCONNECTED, pending.endpoint, reason=pending.reason)
+        if status == "removed":
             entry = entry_of(endpoint_id, answer[1])
             self.table.emit(LifecycleType.UNREGISTERED, entry, reason=RemovalReason.DISCONNECTED)
             log.info("endpoint %s removed: %s", endpoint_id, RemovalReason.DISCONNECTED)

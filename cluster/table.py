@@ -121,6 +121,10 @@ class ClusterTable(EndpointTable):
         endpoint.origin = Origin(origin)
         self._arm(endpoint, self._clock())
 
+    def emit_of(self, kind: LifecycleType, endpoint: UserEndpoint, *, reason: str | None = None) -> None:
+        """The lifecycle event of a transition of a copy this node held."""
+        self._emit(kind, endpoint, reason=reason)
+
     def emit(self, kind: LifecycleType, entry: EndpointEntry, *, previous_state: EndpointState | None = None,
              reason: str | None = None, transport: str | None = None) -> None:
         """The lifecycle event of a transition a script made on this node (the one place, as alone)."""
@@ -143,8 +147,7 @@ class ClusterTable(EndpointTable):
         epoch = self.epochs.get(endpoint.id, 0)
         endpoint.link = None
         self.forget(endpoint, reason)
-        self._emit(LifecycleType.DISCONNECTED, endpoint, reason=reason)
-        if self.on_detach is not None:
+        if self.on_detach is not None:  # which reports it (DISCONNECTED) once Redis took it
             self.on_detach(endpoint, epoch, reason)
 
     def _on_timer(self, endpoint: UserEndpoint, now: float) -> None:
