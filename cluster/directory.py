@@ -20,8 +20,7 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from cluster import scripts
-from endpoint_core.clock import iso_instant
-from endpoint_core.endpoint import EndpointState, Origin, UserEndpoint
+from endpoint_core.endpoint import EndpointState, Origin, UserEndpoint, endpoint_view
 from endpoint_core.table import TablePolicy
 
 Argument = bytes | str | int | float
@@ -58,19 +57,8 @@ class EndpointEntry:
     transport: str | None = None  # of its connection: tcp, tls or websocket
 
     def view(self, now: float) -> dict[str, Any]:
-        """The UserEndpointView, with the same fields as UserEndpoint.view; `now` is Redis time."""
-        return {
-            "id": self.id,
-            "userId": self.user_id,
-            "organizationId": self.organization_id,
-            "keepAliveSeconds": self.keep_alive_seconds,
-            "state": self.state.value,
-            "version": self.version,
-            "serverKeepAliveReminderOn": self.reminder_on,
-            "connected": self.node != "",
-            "connectedSince": None if self.connected_since is None else iso_instant(self.connected_since),
-            "lastKeepaliveAgoSeconds": max(0, int(now - self.last_keepalive)),
-        }
+        """The UserEndpointView, as a process answers it (endpoint_view); `now` is Redis time."""
+        return endpoint_view(self.as_endpoint(), self.node != "", self.connected_since, now - self.last_keepalive)
 
     def as_endpoint(self) -> UserEndpoint:
         """A detached UserEndpoint with this entry's fields, for a lifecycle event of it."""

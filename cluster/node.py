@@ -580,7 +580,7 @@ class ClusterNode:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+            delay = min(delay * 2, 1.0)  # wakes published meanwhile are lost: back soon, then resync
 
     async def _resync(self) -> None:
         """After (re)subscribing, messages may have been missed: load every held queue, read every

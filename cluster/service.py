@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any
 
 from cluster.directory import Argument, ClusterUnavailable, Directory, EndpointEntry, entry_of, text
@@ -24,7 +23,6 @@ from endpoint_core.errors import (
     Conflict,
     DomainError,
     Forbidden,
-    NotAuthenticated,
     NotFound,
     Unavailable,
     Unprocessable,
@@ -223,9 +221,7 @@ class ClusterService(EndpointService):
         persistent_session: bool,
     ) -> asyncio.Future[tuple[UserEndpoint, bool]]:
         """As alone, but decided in Redis: the answer comes later, and the link waits for it."""
-        if principal.expires_at <= time.time():
-            raise NotAuthenticated("token has expired", "Authorization", "expired")
-        self._connect_limit.take(endpoint_id, "CONNECTs for this client id")
+        self._admit_connect(principal, endpoint_id)
         organization_id = self.table._require_organization(principal.organization_id)
         require_endpoint_id(endpoint_id, "client id", self.table._id_pattern)
         return asyncio.ensure_future(self._connect(principal.user_id, organization_id, endpoint_id,

@@ -75,14 +75,7 @@ class ClusterTable(EndpointTable):
         """Drop the copy and close its link, changing nothing in Redis (another node or a script did)."""
         if endpoint.removed or self._by_id.get(endpoint.id) is not endpoint:
             return
-        endpoint.removed = True
-        endpoint.timer_token = 0
-        del self._by_id[endpoint.id]
-        owner = (endpoint.organization_id, endpoint.user_id)
-        siblings = self._by_owner[owner]
-        del siblings[endpoint.id]
-        if not siblings:
-            del self._by_owner[owner]
+        self._unindex(endpoint)
         self.epochs.pop(endpoint.id, None)
         self.loaded.pop(endpoint.id, None)
         endpoint.outbox = None

@@ -122,20 +122,27 @@ class UserEndpoint:
         return topic in endpoint_topics(self.id, self.user_id)
 
     def view(self, now: float) -> dict[str, Any]:
-        """The spec's UserEndpointView, plus read-only extras operators asked for.
-
-        `now` is on the table's clock, which `last_keepalive` and `connected_since` use.
-        """
+        """The endpoint's view; `now` is on the table's clock, which `last_keepalive` and
+        `connected_since` use."""
         connected_since = self.connected_since
-        return {
-            "id": self.id,
-            "userId": self.user_id,
-            "organizationId": self.organization_id,
-            "keepAliveSeconds": self.keep_alive_seconds,
-            "state": self.state.value,
-            "version": self.version,
-            "serverKeepAliveReminderOn": self.server_keep_alive_reminder_on,
-            "connected": self.link is not None,
-            "connectedSince": None if connected_since is None else iso_instant(time.time() - (now - connected_since)),
-            "lastKeepaliveAgoSeconds": max(0, int(now - self.last_keepalive)),
-        }
+        return endpoint_view(self, self.link is not None,
+                             None if connected_since is None else time.time() - (now - connected_since),
+                             now - self.last_keepalive)
+
+
+def endpoint_view(endpoint: UserEndpoint, connected: bool, connected_since: float | None,
+                  keepalive_ago: float) -> dict[str, Any]:
+    """The spec's UserEndpointView, plus read-only extras operators asked for (one place for both
+    a process's own endpoints and a cluster's, cluster.directory). `connected_since`: Unix time."""
+    return {
+        "id": endpoint.id,
+        "userId": endpoint.user_id,
+        "organizationId": endpoint.organization_id,
+        "keepAliveSeconds": endpoint.keep_alive_seconds,
+        "state": endpoint.state.value,
+        "version": endpoint.version,
+        "serverKeepAliveReminderOn": endpoint.server_keep_alive_reminder_on,
+        "connected": connected,
+        "connectedSince": None if connected_since is None else iso_instant(connected_since),
+        "lastKeepaliveAgoSeconds": max(0, int(keepalive_ago)),
+    }

@@ -328,13 +328,17 @@ class EndpointService:
 
         Answers at once here; a cluster node (cluster.service) answers with a future, once
         Redis has decided."""
-        if principal.expires_at <= time.time():
-            raise NotAuthenticated("token has expired", "Authorization", "expired")
-        self._connect_limit.take(endpoint_id, "CONNECTs for this client id")
+        self._admit_connect(principal, endpoint_id)
         return self.table.connect(
             principal.user_id, principal.organization_id, endpoint_id, mqtt_keep_alive, link,
             persistent_session,
         )
+
+    def _admit_connect(self, principal: Principal, endpoint_id: str) -> None:
+        """A CONNECT's token must not be past its `exp`, and its client id within its rate."""
+        if principal.expires_at <= time.time():
+            raise NotAuthenticated("token has expired", "Authorization", "expired")
+        self._connect_limit.take(endpoint_id, "CONNECTs for this client id")
 
     def relay(self, publisher: UserEndpoint, topic: str, payload: bytes) -> bool:
         """An allowed client PUBLISH: best effort to the endpoint whose topic it is, in the

@@ -250,14 +250,7 @@ class EndpointTable:
             return
         if block:
             self._blocked[endpoint.id] = True
-        endpoint.removed = True
-        endpoint.timer_token = 0
-        del self._by_id[endpoint.id]
-        owner = (endpoint.organization_id, endpoint.user_id)
-        siblings = self._by_owner[owner]
-        del siblings[endpoint.id]
-        if not siblings:
-            del self._by_owner[owner]
+        self._unindex(endpoint)
         if endpoint.outbox is not None and len(endpoint.outbox):
             self.stats.dropped_endpoint_removed += len(endpoint.outbox)
             log.warning(
@@ -637,6 +630,17 @@ class EndpointTable:
         self._journal_endpoint(endpoint)
         self._emit(LifecycleType.REGISTERED, endpoint)
         return endpoint
+
+    def _unindex(self, endpoint: UserEndpoint) -> None:
+        """The endpoint is out of the table: no id, no owner entry, no live timer."""
+        endpoint.removed = True
+        endpoint.timer_token = 0
+        del self._by_id[endpoint.id]
+        owner = (endpoint.organization_id, endpoint.user_id)
+        siblings = self._by_owner[owner]
+        del siblings[endpoint.id]
+        if not siblings:
+            del self._by_owner[owner]
 
     def _keepalive(self, endpoint: UserEndpoint, now: float) -> None:
         endpoint.last_keepalive = now

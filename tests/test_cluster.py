@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.cluster_support import Cluster, lifecycle_watches, metric
+from tests.cluster_support import Cluster, lifecycle_watches
 from tests.support import PahoClient, RawMqtt, event, service_token, token, wait_until
 
 MAX_ENDPOINTS_PER_USER = 3
@@ -249,7 +249,6 @@ def test_keepalives_count_on_any_node_and_are_written_sparingly(cluster: Cluster
     try:
         assert client.connect(mqtt_id, "alice", alice, keep_alive=30) == (0, False)
         before = {key: aof_mentions(cluster, f"eb:ep:{key}") for key in (rest_id, mqtt_id)}
-        leases = [metric(node, "endpoint_broker_cluster_lease_writes_total") for node in (b, c)]
         stored = float(cluster.record(rest_id)["l"])
         for _ in range(20):  # 20 keepalives each, over REST on two nodes and as MQTT packets
             assert b.http(alice).post("/rtc-api/users/endpoints/keepalive", json={"userEndpointId": rest_id}
@@ -260,7 +259,6 @@ def test_keepalives_count_on_any_node_and_are_written_sparingly(cluster: Cluster
         assert aof_mentions(cluster, f"eb:ep:{rest_id}") == before[rest_id]
         assert aof_mentions(cluster, f"eb:ep:{mqtt_id}") == before[mqtt_id]
         assert float(cluster.record(rest_id)["l"]) == stored
-        assert [metric(node, "endpoint_broker_cluster_lease_writes_total") for node in (b, c)] == leases
     finally:
         client.close()
 
