@@ -146,7 +146,7 @@ class Directory:
         self._grace = Grace.of(policy)
         self._scripts = {name: self.redis.register_script(getattr(scripts, name)) for name in (
             "REGISTER", "KEEPALIVE", "RENEW", "UNREGISTER", "VIEW", "LIST", "CONNECT", "DETACH",
-            "SUBSCRIPTIONS", "ACKNOWLEDGE", "SEND", "HEARTBEAT", "SWEEP", "REREGISTER", "RELEASE",
+            "SUBSCRIPTIONS", "ACKNOWLEDGE", "SEND", "HEARTBEAT", "SWEEP", "REREGISTER", "RELEASE", "RELAY",
         )}
 
     async def run(self, name: str, *args: Argument) -> Any:

@@ -17,7 +17,8 @@
   client sends packets;
 - the mailbox: channel `eb:node:{node}` carries "close" (another node took the endpoint
   over, unregistered or expired it), "wake" (QoS 1 events were queued for it), "event"
-  (a QoS 0 event), "sick" and "refresh" (its settings changed);
+  (a QoS 0 event), "topic" (a client PUBLISH relayed to it), "sick" and "refresh" (its
+  settings changed);
 - the lifecycle channel `eb:lifecycle`: every event is made once, by the node that made
   the change, and its observers get it there; the other nodes' MQTT feeds and dashboard
   streams (the table's `peer_observers`) get it from this channel, best effort (not while
@@ -611,6 +612,12 @@ class ClusterNode:
             endpoint = self.table.get(endpoint_id)
             if endpoint is not None and self.table.epochs.get(endpoint_id, 0) <= int(epoch):
                 self.table.forget(endpoint, CLOSE_REASONS.get(reason, DisconnectReason.TAKEN_OVER))
+        elif kind == "topic" or kind == "topic":  # a client PUBLISH relayed from another node, on one topic
+            endpoint_id, size = args.split(" ")
+            topic, payload = rest[:int(size)].decode(), rest[int(size):]
+            endpoint = self.table.get(endpoint_id)
+            if endpoint is not None:
+                self.table.publish_on(endpoint, topic, payload)
         elif kind == "sick":
             endpoint = self.table.get(args)
             if endpoint is not None:
@@ -629,6 +636,10 @@ class ClusterNode:
             self.table.refresh(endpoint, int(k), r == b"1", text(g))
 
     # ------------------------------------------------------------ helpers
+
+    def spawn(self, job: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run `job` for the node, kept until done, its failure logged (for the service's own jobs)."""
+        return self._spawn(job)
 
     def _spawn(self, job: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(job) if self._loop is None \

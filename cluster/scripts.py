@@ -16,6 +16,7 @@ Keys (all under `eb:`; one Redis database is one cluster):
 - `eb:due`      sorted set, id -> when its next expiry step is due (SICK, then gone).
 - `eb:n:{node}` set of ids whose connection a node holds; `eb:nodes` node -> heartbeat.
 - `eb:blk:{id}` a logout block, with its TTL; `eb:idem:{scope}\\0{key}` an idempotency key.
+- `eb:swept`, `eb:hold`: when the last sweep ran, and until when sweeps hold after a gap.
 - `eb:epoch`    the cluster's epoch: a Redis that comes back empty has none, and the
   first heartbeat after that sets a new one, which tells every node to re-register.
 Channel `eb:node:{node}` carries messages to one node (see cluster.node).
@@ -413,6 +414,13 @@ SWEEP = PRELUDE + r"""
 local ttl, limit = tonumber(ARGV[3]), tonumber(ARGV[4])
 local t = now()
 local out = {}
+-- After a gap with no sweep at all (Redis was frozen or down, or every node was), nobody could
+-- write heartbeats or leases either: hold every step for a node TTL so they catch up, rather
+-- than take every node for dead and every endpoint for silent.
+local last = tonumber(redis.call('GET', P .. 'swept') or '0')
+redis.call('SET', P .. 'swept', t)
+if last > 0 and t - last > ttl / 2 then redis.call('SET', P .. 'hold', t + ttl) end
+if t < tonumber(redis.call('GET', P .. 'hold') or '0') then return out end
 local dead = redis.call('ZRANGEBYSCORE', P .. 'nodes', '-inf', t - ttl, 'WITHSCORES')
 for i = 1, #dead, 2 do
   -- At most `limit` connections per dead node per call: the node stays listed (dead) until all
@@ -482,4 +490,15 @@ for i = 4, #ARGV do
   if released then out[#out + 1] = {ARGV[i], released} end
 end
 return out
+"""
+
+# An allowed client PUBLISH to an endpoint held by another node: ARGV org of the publisher, the
+# target's id, its user as the topic names it ("" if the topic does not), the topic, the payload,
+# this node. Tells the holding node; returns 1 if one was told, else 0.
+RELAY = PRELUDE + r"""
+local org, id, user, topic, payload, me = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+local f = redis.call('HMGET', ekey(id), 'o', 'u', 'n')
+if f[1] ~= org or (user ~= '' and f[2] ~= user) or f[3] == false or f[3] == '' or f[3] == me then return 0 end
+redis.call('PUBLISH', P .. 'node:' .. f[3], 'topic ' .. id .. ' ' .. #topic .. '\n' .. topic .. payload)
+return 1
 """

@@ -18,7 +18,14 @@ from typing import Any
 from cluster.directory import Argument, ClusterUnavailable, Directory, EndpointEntry, entry_of, text
 from cluster.node import LEASE_FRACTION, ClusterNode
 from cluster.table import ClusterTable
-from endpoint_core.endpoint import DisconnectReason, EndpointLink, EndpointState, RemovalReason, UserEndpoint
+from endpoint_core.endpoint import (
+    DisconnectReason,
+    EndpointLink,
+    EndpointState,
+    RemovalReason,
+    UserEndpoint,
+    endpoint_id_of_topic,
+)
 from endpoint_core.errors import (
     Conflict,
     DomainError,
@@ -211,6 +218,25 @@ class ClusterService(EndpointService):
         return self.table.deliver(targets, payload, 0)
 
     # ------------------------------------------------------------ MQTT
+
+    def relay(self, publisher: UserEndpoint, topic: str, payload: bytes) -> bool:
+        """As alone for an endpoint held here; one held by another node is told through Redis
+        (best effort, like the relay itself: nothing is answered to the publisher)."""
+        found = endpoint_id_of_topic(topic)
+        if found is None:
+            return False
+        if self.table.get(found[0]) is not None:
+            return super().relay(publisher, topic, payload)
+        self.node.spawn(self._relay_elsewhere(publisher.organization_id, found[0], found[1] or "", topic, payload))
+        return True
+
+    async def _relay_elsewhere(self, organization_id: str, endpoint_id: str, user_id: str, topic: str,
+                               payload: bytes) -> None:
+        try:
+            await self.directory.run("RELAY", organization_id, endpoint_id, user_id, topic, payload,
+                                     self.node.node_id)
+        except ClusterUnavailable as exc:
+            log.debug("client PUBLISH to %s not relayed: %s", endpoint_id, exc)
 
     def connect(
         self,

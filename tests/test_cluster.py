@@ -26,7 +26,8 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    with Cluster(3, env={"ENDPOINT_BROKER_MAX_ENDPOINTS_PER_USER": str(MAX_ENDPOINTS_PER_USER)}) as started:
+    with Cluster(3, env={"ENDPOINT_BROKER_MAX_ENDPOINTS_PER_USER": str(MAX_ENDPOINTS_PER_USER),
+                         "ENDPOINT_BROKER_CLIENT_PUBLISH_ALLOW": "users/endpoints/+"}) as started:
         yield started
 
 
@@ -231,6 +232,23 @@ def test_racing_connects_on_two_nodes_leave_one_connection(cluster: Cluster, uni
         finally:
             for client in clients:
                 client.close()
+
+
+def test_an_allowed_client_publish_reaches_an_endpoint_on_another_node(cluster: Cluster, unique: str) -> None:
+    a, b, _ = cluster.nodes
+    org = f"org-{unique}"
+    alice, bob = token("alice", org), token("bob", org)
+    receiver = PahoClient(f"bob-{unique}", username="bob", password=bob, port=b.mqtt_port)
+    try:
+        assert receiver.connect() == 0
+        assert receiver.subscribe(f"users/endpoints/bob-{unique}") == [1]
+        with RawMqtt(a.mqtt_port) as sender:
+            assert sender.connect(f"alice-{unique}", "alice", alice) == (0, False)
+            sender.publish(f"users/endpoints/bob-{unique}", b"ring")
+            message = receiver.next_message()
+        assert (message.topic, message.payload, message.qos) == (f"users/endpoints/bob-{unique}", b"ring", 0)
+    finally:
+        receiver.close()
 
 
 def aof_mentions(cluster: Cluster, key: str) -> int:

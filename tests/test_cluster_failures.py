@@ -102,6 +102,10 @@ def test_while_redis_is_frozen_nodes_stay_up_answer_503_and_recover_without_a_re
         answer = send(b, org, qos=1, marker="back")
         assert answer.status_code == 200  # type: ignore[attr-defined]
         assert b'"marker":"back"' in here.next_message().payload
+        # Nobody could heartbeat while Redis was frozen: no node was taken for dead for it.
+        assert cluster.record(f"here-{unique}")["n"] == "node-0"
+        assert sum(metric(node, "endpoint_broker_cluster_expiry_steps_total", step="released")
+                   for node in cluster.nodes) == 0
     finally:
         cluster.redis.resume()
         here.close()

@@ -139,3 +139,25 @@ async def test_views_are_scoped_to_the_callers_organisation_and_user(directory: 
     assert text((await directory.run("VIEW", "e1", "backend", "", 1))[0]) == "ok"
     assert text((await directory.run("KEEPALIVE", "e1", "bob", "org", 0, 1 / 3))[0]) == "forbidden"
     assert text((await directory.run("UNREGISTER", "e1", "alice", "elsewhere", 0, 0))[0]) == "notfound"
+
+
+async def test_a_relayed_publish_goes_to_the_holding_node_of_the_same_organisation_only(directory: Directory) -> None:
+    await connect(directory, "e1", node="n2")
+    def relay(org: str, user: str = "") -> object:
+        return directory.run("RELAY", org, "e1", user, "users/endpoints/e1", b"hi", "n1")
+
+    assert await relay("elsewhere") == 0
+    assert await relay("org", "mallory") == 0  # the topic's user form names someone else
+    assert await relay("org", "alice") == 1
+    assert await directory.run("RELAY", "org", "e1", "", "users/endpoints/e1", b"hi", "n2") == 0  # held here
+
+
+async def test_after_a_gap_with_no_sweep_every_step_holds_for_a_node_ttl(directory: Directory) -> None:
+    await connect(directory, "e1", node="n2")
+    await directory.run("SWEEP", 5, 100)  # the last sweep before Redis froze, say
+    await directory.redis.set("eb:swept", float(text(await directory.redis.get("eb:swept"))) - 10)
+    await directory.redis.zadd("eb:nodes", {"n2": 1.0})  # its heartbeats stopped with Redis
+    await age(directory, "e1", 10_000)
+    assert await directory.run("SWEEP", 5, 100) == []  # held: heartbeats and leases catch up first
+    await directory.redis.delete("eb:hold")  # a node TTL later
+    assert [text(t[0]) for t in await directory.run("SWEEP", 5, 100)] == ["dropped", "expired"]
