@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.cluster_support import NODE_TTL_SECONDS, Cluster, lifecycle_watches, metric
+from tests.cluster_support import Cluster, lifecycle_watches, metric
 from tests.support import PahoClient, RawMqtt, event, service_token, token, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -51,10 +51,10 @@ def test_a_killed_nodes_clients_get_their_events_elsewhere_and_its_other_endpoin
         a.stop(signal.SIGKILL)
         with RawMqtt(b.mqtt_port) as second:  # the client reconnects to another node
             assert second.connect(held, "alice", alice, clean_session=False) == (0, True)
-            again = second.publishes(2.0)
+            again = [second.next_publish(timeout=20) for _ in range(2)]
             assert [p.json()["n"] for p in again] == [0, 1] and all(p.dup for p in again)
         # Nobody reconnects `gone`: released once node-0 is taken for dead, then expired on schedule.
-        wait_until(lambda: b.view(alice, gone).status_code == 404, timeout=10 + NODE_TTL_SECONDS)
+        wait_until(lambda: b.view(alice, gone).status_code == 404, timeout=30)
         # The two survivors' sweeps, together, released node-0's two connections once each (gone's,
         # and its lifecycle watch's; held's had moved to node-1 already) and expired gone once.
         steps = {step: sum(metric(node, "endpoint_broker_cluster_expiry_steps_total", step=step)
@@ -78,7 +78,7 @@ def test_while_redis_is_frozen_nodes_stay_up_answer_503_and_recover_without_a_re
         assert here.connect() == 0
         assert here.subscribe(f"users/endpoints/here-{unique}") == [1]
         cluster.redis.pause()
-        wait_until(lambda: a.health()["status"] == "degraded", timeout=15)
+        wait_until(lambda: a.health()["status"] == "degraded", timeout=30)
         assert a.health()["cluster"] == {"node": "node-0", "redis": "unreachable"}
         assert metric(a, "endpoint_broker_cluster_redis_up") == 0
         assert send(a, org, qos=1).status_code == 503  # type: ignore[attr-defined]
@@ -91,9 +91,9 @@ def test_while_redis_is_frozen_nodes_stay_up_answer_503_and_recover_without_a_re
         # QoS 0 still reaches the connections this node holds.
         answer = send(a, org, qos=0, marker="frozen")
         assert answer.status_code == 200 and answer.json() == 1  # type: ignore[attr-defined]
-        assert b'"marker":"frozen"' in here.next_message().payload
+        assert b'"marker":"frozen"' in here.next_message(timeout=20).payload
         cluster.redis.resume()
-        wait_until(lambda: a.health()["status"] == "ok" and b.health()["status"] == "ok", timeout=15)
+        wait_until(lambda: a.health()["status"] == "ok" and b.health()["status"] == "ok", timeout=30)
         assert metric(a, "endpoint_broker_cluster_redis_up") == 1
         assert metric(a, "endpoint_broker_cluster_nodes") == 3
         assert a.http(alice).post("/rtc-api/users/endpoints", json={"keepAliveSeconds": 60}).status_code == 200
@@ -101,7 +101,7 @@ def test_while_redis_is_frozen_nodes_stay_up_answer_503_and_recover_without_a_re
             assert accepted.connect(f"new-{unique}", "alice", alice) == (0, False)
         answer = send(b, org, qos=1, marker="back")
         assert answer.status_code == 200  # type: ignore[attr-defined]
-        assert b'"marker":"back"' in here.next_message().payload
+        assert b'"marker":"back"' in here.next_message(timeout=20).payload
         # Nobody could heartbeat while Redis was frozen: no node was taken for dead for it.
         assert cluster.record(f"here-{unique}")["n"] == "node-0"
         assert sum(metric(node, "endpoint_broker_cluster_expiry_steps_total", step="released")
@@ -124,7 +124,7 @@ def test_redis_restarted_from_its_aof_keeps_every_endpoint_and_event_route(clust
         assert subscriber.subscribe(f"users/endpoints/sub-{unique}") == [1]
         version = a.view(alice, kept).json()["version"]
         cluster.redis.restart()
-        wait_until(lambda: send(a, org, marker="after").status_code == 200, timeout=15)  # type: ignore[attr-defined]
+        wait_until(lambda: send(a, org, marker="after").status_code == 200, timeout=30)  # type: ignore[attr-defined]
         view = a.view(alice, kept)
         assert view.status_code == 200, view.text
         assert view.json()["version"] == version
@@ -145,11 +145,11 @@ def test_redis_restarted_empty_gets_the_held_endpoints_back_as_unknown(cluster: 
         assert subscriber.connect() == 0
         assert subscriber.subscribe(f"users/endpoints/{held}") == [1]
         cluster.redis.restart_empty()
-        view = wait_until(lambda: (r := a.view(alice, held)).status_code == 200 and r.json(), timeout=15)
+        view = wait_until(lambda: (r := a.view(alice, held)).status_code == 200 and r.json(), timeout=30)
         assert view["state"] == "UNKNOWN" and view["connected"] is True
         answer = send(a, org, marker="again")
         assert answer.status_code == 200 and answer.json() == 1  # type: ignore[attr-defined]
-        assert b'"marker":"again"' in subscriber.next_message().payload
+        assert b'"marker":"again"' in subscriber.next_message(timeout=20).payload
     finally:
         subscriber.close()
 
@@ -165,7 +165,7 @@ def test_a_frozen_node_that_comes_back_after_a_take_over_changes_nothing(cluster
         assert stale.subscribe(f"users/endpoints/{endpoint_id}") == [1]
         os.kill(a.process.pid, signal.SIGSTOP)
         try:
-            wait_until(lambda: cluster.record(endpoint_id)["n"] == "", timeout=5 + NODE_TTL_SECONDS)
+            wait_until(lambda: cluster.record(endpoint_id)["n"] == "", timeout=20)
             assert fresh.connect(endpoint_id, "alice", alice, clean_session=False) == (0, True)
             taken = cluster.record(endpoint_id)
         finally:
@@ -213,7 +213,7 @@ def test_a_rest_keepalive_answered_without_a_write_is_written_before_it_could_ma
     seconds, micros = cluster.redis.client().time()
     answered = seconds + micros / 1e6
     assert float(cluster.record(endpoint_id)["l"]) == registered  # answered, not written
-    written = wait_until(lambda: (at := float(cluster.record(endpoint_id)["l"])) > registered and at, timeout=10)
+    written = wait_until(lambda: (at := float(cluster.record(endpoint_id)["l"])) > registered and at, timeout=20)
     assert written <= answered  # the keepalive's own time, not the later time of the write
     assert metric(b, "endpoint_broker_cluster_lease_writes_total") == writes + 1
     assert b.view(alice, endpoint_id).json()["state"] == "HEALTHY"
