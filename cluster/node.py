@@ -588,8 +588,7 @@ class ClusterNode:
         held endpoint's settings again (a REST re-registration's "refresh"), and renew them all."""
         for endpoint_id in list(self.table.loaded):
             self.pull(endpoint_id)
-        for endpoint_id in list(self.table.epochs):
-            await self._refresh(endpoint_id)
+        await self._refresh(*self.table.epochs)
         if self.table.epochs:
             await self.renew(everything=True)
 
@@ -625,15 +624,22 @@ class ClusterNode:
         elif kind == "refresh":
             self._spawn(self._refresh(args))
 
-    async def _refresh(self, endpoint_id: str) -> None:
-        """A REST registration changed a held endpoint's settings: its period and reminder follow."""
-        try:
-            k, r, g = await self.directory.redis.hmget(f"eb:ep:{endpoint_id}", "k", "r", "g")
-        except RedisError:
+    async def _refresh(self, *endpoint_ids: str) -> None:
+        """A REST registration changed held endpoints' settings: their period and reminder follow.
+        One round trip for all of them."""
+        if not endpoint_ids:
             return
-        endpoint = self.table.get(endpoint_id)
-        if endpoint is not None and k is not None:
-            self.table.refresh(endpoint, int(k), r == b"1", text(g))
+        try:
+            async with self.directory.redis.pipeline(transaction=False) as pipe:
+                for endpoint_id in endpoint_ids:
+                    pipe.hmget(f"eb:ep:{endpoint_id}", "k", "r", "g")
+                settings = await pipe.execute()
+        except (RedisError, OSError):
+            return
+        for endpoint_id, (k, r, g) in zip(endpoint_ids, settings, strict=True):
+            endpoint = self.table.get(endpoint_id)
+            if endpoint is not None and k is not None:
+                self.table.refresh(endpoint, int(k), r == b"1", text(g))
 
     # ------------------------------------------------------------ helpers
 

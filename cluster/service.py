@@ -27,28 +27,27 @@ from endpoint_core.endpoint import (
     endpoint_id_of_topic,
 )
 from endpoint_core.errors import (
-    Conflict,
     DomainError,
-    Forbidden,
-    NotFound,
     Unavailable,
     Unprocessable,
 )
 from endpoint_core.events import parse_send_event
 from endpoint_core.idempotency import IdempotencyKeys, body_digest
-from endpoint_core.ids import new_endpoint_id, require_endpoint_id
 from endpoint_core.lifecycle import LifecycleType
 from endpoint_core.principals import Principal, TokenVerifier
 from endpoint_core.service import (
     EndpointService,
+    another_users_endpoint,
     caller_of,
     endpoint_id_of,
     event_payload,
+    list_scope,
+    no_such_endpoint,
     not_an_endpoint_of_user,
     object_of,
     unregister_options,
 )
-from endpoint_core.table import DeliveryReport
+from endpoint_core.table import DeliveryReport, id_taken, logged_out, too_many_endpoints
 
 log = logging.getLogger("endpoint_broker.service")
 
@@ -76,18 +75,15 @@ class ClusterService(EndpointService):
 
     async def answer_register(self, principal: Principal, body: object) -> str:
         keep_alive, reminder, given_id = self._register_command(principal, body)
-        organization_id = self.table._require_organization(principal.organization_id)
-        self.table._check_keep_alive(keep_alive)
-        endpoint_id = new_endpoint_id() if given_id is None else \
-            require_endpoint_id(given_id, pattern=self.table._id_pattern)
+        organization_id, endpoint_id = self.table.admit_registration(principal.organization_id, given_id,
+                                                                     keep_alive)
         answer = await self._run("REGISTER", endpoint_id, principal.user_id, organization_id, keep_alive,
                                  int(reminder), self.table.policy.max_endpoints_per_user)
         status = text(answer[0])
         if status == "full":
-            raise Conflict(f"the user already has {text(answer[1])} endpoints, the most allowed; unregister one "
-                           "first", "userEndpointId")
+            raise too_many_endpoints(int(answer[1]), "userEndpointId")
         if status == "conflict":
-            raise Conflict(f"endpoint id {endpoint_id!r} is taken; choose another (use a UUID)", "userEndpointId")
+            raise id_taken(endpoint_id, "userEndpointId")
         entry = entry_of(endpoint_id, answer[2])
         if status != "same":
             self.table.emit(LifecycleType.REGISTERED, entry)
@@ -141,14 +137,7 @@ class ClusterService(EndpointService):
 
     async def answer_list(self, principal: Principal, user_id: str | None, organization_id: str | None
                           ) -> list[dict[str, Any]]:
-        if not principal.is_service:
-            if user_id is not None and user_id != principal.user_id:
-                raise Forbidden("only SERVICE callers may list another user's endpoints", "userId")
-            if organization_id is not None and organization_id != principal.organization_id:
-                raise Forbidden("only SERVICE callers may list another organisation", "organizationId")
-            user_id, organization_id = principal.user_id, principal.organization_id
-        elif user_id is None and organization_id is None:
-            user_id, organization_id = principal.user_id, principal.organization_id
+        user_id, organization_id = list_scope(principal, user_id, organization_id)
         answer = await self._run("LIST", organization_id or "", user_id or "")
         now = float(text(answer[0]))
         return [entry_of(text(raw_id), flat).view(now) for raw_id, flat in answer[1:]]
@@ -248,8 +237,7 @@ class ClusterService(EndpointService):
     ) -> asyncio.Future[tuple[UserEndpoint, bool]]:
         """As alone, but decided in Redis: the answer comes later, and the link waits for it."""
         self._admit_connect(principal, endpoint_id)
-        organization_id = self.table._require_organization(principal.organization_id)
-        require_endpoint_id(endpoint_id, "client id", self.table._id_pattern)
+        organization_id = self.table.admit_connect(principal.organization_id, endpoint_id)
         return asyncio.ensure_future(self._connect(principal.user_id, organization_id, endpoint_id,
                                                    mqtt_keep_alive, link, persistent_session))
 
@@ -262,12 +250,11 @@ class ClusterService(EndpointService):
             policy.max_endpoints_per_user, link.transport_name)
         status = text(answer[0])
         if status == "blocked":
-            raise Forbidden(f"endpoint {endpoint_id!r} was logged out; reconnecting is refused for a while",
-                            "client id")
+            raise logged_out(endpoint_id)
         if status == "full":
-            raise Conflict(f"the user already has {text(answer[1])} endpoints, the most allowed", "client id")
+            raise too_many_endpoints(int(answer[1]), "client id")
         if status == "conflict":
-            raise Conflict(f"endpoint id {endpoint_id!r} is taken; choose another (use a UUID)", "client id")
+            raise id_taken(endpoint_id, "client id")
         created, previous_node, left, present = answer[1] is not None, text(answer[2]), answer[3], answer[4]
         entry = entry_of(endpoint_id, answer[5])
         try:
@@ -301,6 +288,6 @@ class ClusterService(EndpointService):
     @staticmethod
     def _refuse(status: str, endpoint_id: str) -> None:
         if status == "notfound":
-            raise NotFound(f"no endpoint {endpoint_id!r}", "userEndpointId")
+            raise no_such_endpoint(endpoint_id)
         if status == "forbidden":
-            raise Forbidden("the endpoint belongs to another user", "userEndpointId")
+            raise another_users_endpoint()

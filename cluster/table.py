@@ -18,18 +18,20 @@ import math
 from collections.abc import Callable
 
 from cluster.directory import EndpointEntry
+from endpoint_core.clock import Clock, monotonic
 from endpoint_core.endpoint import DisconnectReason, EndpointLink, EndpointState, Origin, UserEndpoint
 from endpoint_core.journal import EndpointRecord, PutEndpoint
 from endpoint_core.lifecycle import LifecycleType
 from endpoint_core.outbox import Outbox
-from endpoint_core.table import EndpointTable, Journal
+from endpoint_core.table import EndpointTable, Journal, TablePolicy
 
 
 class ClusterTable(EndpointTable):
     """EndpointTable for local copies; see the module docstring."""
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, policy: TablePolicy | None = None, clock: Clock = monotonic) -> None:
+        # The journal is the node's store, made after this table (journal_to).
+        super().__init__(policy, clock)
         # Endpoint id -> the fencing epoch its connection was granted.
         self.epochs: dict[str, int] = {}
         # Endpoint id -> the newest queued event loaded from its stream (cluster.directory.stream_seq).

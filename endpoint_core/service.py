@@ -187,15 +187,7 @@ class EndpointService:
     def list(
         self, principal: Principal, user_id: str | None = None, organization_id: str | None = None
     ) -> list[UserEndpoint]:
-        if not principal.is_service:
-            if user_id is not None and user_id != principal.user_id:
-                raise Forbidden("only SERVICE callers may list another user's endpoints", "userId")
-            if organization_id is not None and organization_id != principal.organization_id:
-                raise Forbidden("only SERVICE callers may list another organisation", "organizationId")
-            assert principal.organization_id is not None  # the verifier guarantees it for users
-            return self.table.endpoints_of(principal.organization_id, principal.user_id)
-        if user_id is None and organization_id is None:
-            user_id, organization_id = principal.user_id, principal.organization_id
+        user_id, organization_id = list_scope(principal, user_id, organization_id)
         if user_id is not None and organization_id is not None:
             return self.table.endpoints_of(organization_id, user_id)
         return [
@@ -363,9 +355,9 @@ class EndpointService:
         if endpoint is None or (
             not principal.is_service and endpoint.organization_id != principal.organization_id
         ):
-            raise NotFound(f"no endpoint {endpoint_id!r}", "userEndpointId")
+            raise no_such_endpoint(endpoint_id)
         if not principal.is_service and endpoint.user_id != principal.user_id:
-            raise Forbidden("the endpoint belongs to another user", "userEndpointId")
+            raise another_users_endpoint()
         return endpoint
 
     @staticmethod
@@ -378,6 +370,30 @@ class EndpointService:
             raise Forbidden("organizationId differs from the token's organisation", "organizationId")
         assert principal.organization_id is not None  # the verifier guarantees it for users
         return principal.organization_id
+
+
+def list_scope(principal: Principal, user_id: str | None, organization_id: str | None
+               ) -> tuple[str | None, str | None]:
+    """(user, organisation) a list may show, None for any: a user lists its own endpoints only; a
+    SERVICE caller whatever it names, its own scope if it names nothing."""
+    if not principal.is_service:
+        if user_id is not None and user_id != principal.user_id:
+            raise Forbidden("only SERVICE callers may list another user's endpoints", "userId")
+        if organization_id is not None and organization_id != principal.organization_id:
+            raise Forbidden("only SERVICE callers may list another organisation", "organizationId")
+        return principal.user_id, principal.organization_id
+    if user_id is None and organization_id is None:
+        return principal.user_id, principal.organization_id
+    return user_id, organization_id
+
+
+def no_such_endpoint(endpoint_id: str) -> NotFound:
+    """Also for an endpoint in another organisation: nothing leaks across organisations."""
+    return NotFound(f"no endpoint {endpoint_id!r}", "userEndpointId")
+
+
+def another_users_endpoint() -> Forbidden:
+    return Forbidden("the endpoint belongs to another user", "userEndpointId")
 
 
 def event_payload(command: SendEventCommand) -> bytes:

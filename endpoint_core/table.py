@@ -77,6 +77,21 @@ from endpoint_core.reminders import keepalive_reminder
 
 log = logging.getLogger("endpoint_broker.table")
 
+
+# The refusals of the table's ownership rules, also made by a cluster node for what Redis decided.
+def id_taken(endpoint_id: str, field: str) -> Conflict:
+    # Nothing about the owner (not even whether it is in the caller's organisation): ids are
+    # global, and a 409 must not become a probe across organisations.
+    return Conflict(f"endpoint id {endpoint_id!r} is taken; choose another (use a UUID)", field)
+
+
+def too_many_endpoints(count: int, field: str) -> Conflict:
+    return Conflict(f"the user already has {count} endpoints, the most allowed; unregister one first", field)
+
+
+def logged_out(endpoint_id: str) -> Forbidden:
+    return Forbidden(f"endpoint {endpoint_id!r} was logged out; reconnecting is refused for a while", "client id")
+
 MAX_TIMERS_PER_PASS = 2000
 
 
@@ -189,6 +204,23 @@ class EndpointTable:
 
     # ---------------------------------------------------------- registration
 
+    def admit_registration(self, organization_id: str | None, endpoint_id: str | None,
+                           keep_alive_seconds: int) -> tuple[str, str]:
+        """(organisation, endpoint id: the given one checked, or a new one) of a REST registration.
+
+        Checks what needs no table state; a cluster node (cluster.service) applies the same before
+        it asks Redis for the rest."""
+        owner_org = self._require_organization(organization_id)
+        self._check_keep_alive(keep_alive_seconds)
+        return owner_org, (new_endpoint_id() if endpoint_id is None
+                           else require_endpoint_id(endpoint_id, pattern=self._id_pattern))
+
+    def admit_connect(self, organization_id: str | None, endpoint_id: str) -> str:
+        """The organisation of a CONNECT whose client id may name an endpoint (as admit_registration)."""
+        owner_org = self._require_organization(organization_id)
+        require_endpoint_id(endpoint_id, "client id", self._id_pattern)
+        return owner_org
+
     def register(
         self,
         user_id: str,
@@ -198,12 +230,7 @@ class EndpointTable:
         reminder_on: bool,
     ) -> tuple[UserEndpoint, bool]:
         """Register (or re-register) an endpoint over REST. Returns it and whether it is new."""
-        owner_org = self._require_organization(organization_id)
-        self._check_keep_alive(keep_alive_seconds)
-        endpoint_id = (
-            new_endpoint_id() if endpoint_id is None
-            else require_endpoint_id(endpoint_id, pattern=self._id_pattern)
-        )
+        owner_org, endpoint_id = self.admit_registration(organization_id, endpoint_id, keep_alive_seconds)
         now = self._clock()
         endpoint = self._by_id.get(endpoint_id)
         if endpoint is None:
@@ -288,11 +315,9 @@ class EndpointTable:
         Returns the endpoint and the MQTT "session present" flag. A previous link
         of the same endpoint is closed: the newest connection wins.
         """
-        owner_org = self._require_organization(organization_id)
-        require_endpoint_id(endpoint_id, "client id", self._id_pattern)
+        owner_org = self.admit_connect(organization_id, endpoint_id)
         if endpoint_id in self._blocked:
-            raise Forbidden(f"endpoint {endpoint_id!r} was logged out; reconnecting is refused for a while",
-                            "client id")
+            raise logged_out(endpoint_id)
         keep_alive = min(
             mqtt_keep_alive or self.policy.default_mqtt_keep_alive_seconds,
             self.policy.max_keep_alive_seconds,
@@ -618,10 +643,7 @@ class EndpointTable:
         owner = (organization_id, user_id)
         siblings = self._by_owner.get(owner)
         if siblings is not None and len(siblings) >= self.policy.max_endpoints_per_user:
-            raise Conflict(
-                f"the user already has {len(siblings)} endpoints, the most allowed; unregister one first",
-                "userEndpointId",
-            )
+            raise too_many_endpoints(len(siblings), "userEndpointId")
         endpoint = UserEndpoint(endpoint_id, user_id, organization_id, keep_alive_seconds, reminder_on,
                                 origin, now)
         self._by_id[endpoint_id] = endpoint
@@ -750,6 +772,4 @@ class EndpointTable:
     @staticmethod
     def _check_owner(endpoint: UserEndpoint, user_id: str, organization_id: str) -> None:
         if endpoint.user_id != user_id or endpoint.organization_id != organization_id:
-            # Nothing about the owner (not even whether it is in the caller's organisation):
-            # ids are global, and a 409 must not become a probe across organisations.
-            raise Conflict(f"endpoint id {endpoint.id!r} is taken; choose another (use a UUID)", "userEndpointId")
+            raise id_taken(endpoint.id, "userEndpointId")
