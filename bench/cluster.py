@@ -75,7 +75,6 @@ QUEUE_SETTLE_MAX_S = 10.0
 # Before each session (--wait-quiet): the machine counts as quiet below this, in % of one core.
 QUIET_BELOW_PCT = 30.0
 STOP_GRACE_S = 10.0
-LOG_PROBLEM = re.compile(r"Traceback|\bERROR\b|\bCRITICAL\b|Error:")
 
 
 @dataclass(frozen=True)
@@ -319,17 +318,7 @@ class Deployment:
                 await self.redis.stop(STOP_GRACE_S)
 
     def log_problems(self) -> list[str]:
-        notes = []
-        for process in self.processes.values():
-            try:
-                lines = process.log.read_text(errors="replace").splitlines()
-            except OSError:
-                continue
-            problems = [line for line in lines if LOG_PROBLEM.search(line)]
-            if problems:
-                notes.append(f"{process.name} log ({process.log.name}) has {len(problems)} problem line(s), "
-                             f"first: {problems[0][:300]}")
-        return notes
+        return procs.log_problems(self.processes.values(), width=300)
 
 
 # ------------------------------------------------------------------ one measurement

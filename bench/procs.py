@@ -7,10 +7,11 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import signal
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -189,3 +190,22 @@ class Worker:
             await asyncio.wait_for(self.process.wait(), 5.0)
         except TimeoutError:
             await self.kill()
+
+
+# Lines in a process's log worth a look even when the numbers came out.
+LOG_PROBLEM = re.compile(r"Traceback|\bERROR\b|\bCRITICAL\b|Error:")
+
+
+def log_problems(processes: Iterable[Managed], width: int = 240) -> list[str]:
+    """One note per process whose log has tracebacks or ERROR lines, with the first of them."""
+    notes = []
+    for process in processes:
+        try:
+            lines = process.log.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        problems = [line for line in lines if LOG_PROBLEM.search(line)]
+        if problems:
+            notes.append(f"{process.name} log ({process.log.name}) has {len(problems)} problem line(s), "
+                         f"first: {problems[0][:width]}")
+    return notes

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import re
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -405,19 +404,6 @@ def fill_send_record(record: Record, load: dict[str, Any], collected: list[dict[
         record.notes.append(f"{closed} subscribers were disconnected")
 
 
-LOG_PROBLEM = re.compile(r"Traceback|\bERROR\b|\bCRITICAL\b|Error:")
-
-
 def scan_log(system: System) -> list[str]:
     """Tracebacks and ERROR lines in the system's own logs: worth a look even when numbers came out."""
-    notes = []
-    for process in system.processes:
-        try:
-            lines = process.log.read_text(errors="replace").splitlines()
-        except OSError:
-            continue
-        problems = [line for line in lines if LOG_PROBLEM.search(line)]
-        if problems:
-            notes.append(f"{process.name} log ({process.log.name}) has {len(problems)} problem line(s), "
-                         f"first: {problems[0][:240]}")
-    return notes
+    return procs.log_problems(system.processes)
