@@ -98,7 +98,11 @@ class BufferedStderrHandler(logging.Handler):
     def __init__(self, fd: int | None = None) -> None:
         super().__init__()
         self._fd = sys.stderr.fileno() if fd is None else fd
-        self._pending: list[str] = []  # guarded by self.lock, held only to append or swap
+        # Guarded by a lock of its own, held only to append or swap: never the Handler's own lock,
+        # which logging.shutdown holds while it calls flush(); a writer holding _write_lock and
+        # waiting for that one would hang the process at exit.
+        self._pending_lock = threading.Lock()
+        self._pending: list[str] = []
         self._pending_bytes = 0
         self._dropped = 0
         self._write_lock = threading.Lock()  # one writer at a time, so lines keep their order
@@ -114,7 +118,7 @@ class BufferedStderrHandler(logging.Handler):
             self.handleError(record)
             return
         urgent = record.levelno >= logging.WARNING
-        with self.lock:  # type: ignore[union-attr]
+        with self._pending_lock:
             if self._pending_bytes > MAX_PENDING_BYTES and not urgent:
                 self._dropped += 1
                 return
@@ -125,7 +129,7 @@ class BufferedStderrHandler(logging.Handler):
 
     def flush(self) -> None:
         with self._write_lock:
-            with self.lock:  # type: ignore[union-attr]
+            with self._pending_lock:
                 lines, self._pending, self._pending_bytes = self._pending, [], 0
                 dropped, self._dropped = self._dropped, 0
             if dropped:

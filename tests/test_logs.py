@@ -138,3 +138,25 @@ def test_a_stuck_log_output_never_blocks_the_caller_and_what_it_drops_is_reporte
         caller.join(10)
         handler.close()
         os.close(write_end)
+
+
+def test_a_flush_never_needs_the_lock_logging_shutdown_holds() -> None:
+    """logging.shutdown flushes while it holds the handler's lock. The writer thread's own flush
+    must not wait for that lock while holding the write lock, or the process hangs at exit (a
+    CLI that failed to start hung so, under load, until its test gave up after 30 s)."""
+    read_end, write_end = os.pipe()
+    handler = BufferedStderrHandler(write_end)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    try:
+        handler.handle(record("pending at exit"))
+        with handler.lock:  # type: ignore[union-attr]  # as logging.shutdown holds it
+            writer = threading.Thread(target=handler.flush)  # the writer thread's tick, meanwhile
+            writer.start()
+            writer.join(10)
+            assert not writer.is_alive(), "a flush waited for the handler's lock"
+            handler.flush()
+        assert b"pending at exit" in os.read(read_end, 65536)
+    finally:
+        handler.close()
+        os.close(write_end)
+        os.close(read_end)
