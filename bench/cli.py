@@ -20,7 +20,7 @@ from typing import Any
 
 from bench import config, machine, report
 from bench.scenarios import Context, Record, SessionRunner, connect_deadline
-from bench.systems import MOSQUITTO_BASED, OURS_BASED, SYSTEMS, mosquitto_binary, snapshot_ours
+from bench.systems import BEFORE_BASED, MOSQUITTO_BASED, OURS_BASED, SYSTEMS, mosquitto_binary, snapshot_ours
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -81,10 +81,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ours-dir", type=Path,
                         help="run ours from this directory's run_broker.py, e.g. an exported older commit to "
                              "compare versions (default: a snapshot of this repo's code taken at the start)")
+    parser.add_argument("--before-dir", type=Path,
+                        help="run the systems `before` and `before-memory` from this directory, e.g. "
+                             "`git archive <commit> | tar -x -C DIR`: an older commit measured in the same run")
     args = parser.parse_args(argv)
     if args.from_json is None:
         profile = build_profile(args)
         systems, scenarios = args.targets or profile.systems, args.scenarios or profile.scenarios
+        if set(BEFORE_BASED) & set(systems) and args.before_dir is None:
+            parser.error("the systems before and before-memory need --before-dir")
         if "lean" in systems and "send" in scenarios and not profile.one_endpoint_per_user:
             parser.error("lean's sendEvent publishes to the one endpoint named in the request: it needs "
                          "one endpoint per user (--issue13)")
@@ -165,7 +170,11 @@ async def run_all(args: argparse.Namespace) -> Results:
     if args.ours_dir is None and set(OURS_BASED) & set(systems):
         # The repo may be edited while the bench runs: every session measures this copy instead.
         meta["machine"]["code"] += f", snapshot {snapshot_ours(REPO, ours_dir)} taken at the start"
-    ctx = Context(profile, secrets.token_urlsafe(32), workdir, args.ours_log_level, results.add, ours_dir)
+    before_dir = args.before_dir.resolve() if args.before_dir else None
+    if before_dir is not None:
+        meta["machine"]["before"] = machine.code_version(before_dir)
+    ctx = Context(profile, secrets.token_urlsafe(32), workdir, args.ours_log_level, results.add, ours_dir,
+                  before_dir)
     started = time.monotonic()
     print(f"bench: {profile.name} profile, {profile.runs} runs x {systems} x {len(sessions)} sessions; "
           f"logs in {workdir}", file=sys.stderr, flush=True)

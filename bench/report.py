@@ -11,7 +11,9 @@ from typing import Any
 from bench.cpu import MIN_WINDOW_S, OTHER_LOAD_PCT
 
 # Each gets an ours/<baseline> ratio column when it ran beside ours; ours-nometrics is ours with metrics off.
-BASELINES = ("amqtt", "mosquitto", "lean", "ours-nometrics")
+BASELINES = ("amqtt", "mosquitto", "lean", "ours-nometrics", "before")
+# Pairs compared as one system against another: (system, baseline), for each ratio column.
+PAIRS = (*(("ours", b) for b in BASELINES), ("ours-memory", "before-memory"))
 # Issue 11: metrics may cost at most this share of sendEvent throughput.
 METRICS_COST_LIMIT = 0.03
 SCENARIO_ORDER = ("send", "connect", "memory", "keepalive", "reconnect")
@@ -110,9 +112,13 @@ def ratio_spread(ours: list[dict[str, Any]], base: list[dict[str, Any]], field: 
     return Spread(ratios, len(ours))
 
 
+def before_code(machine: dict[str, Any]) -> str:
+    return f"; before: {machine['before']}" if machine.get("before") else ""
+
+
 def metric_rows(records: list[dict[str, Any]], systems: list[str]) -> tuple[list[str], list[list[str]]]:
-    baselines = [b for b in BASELINES if b in systems and "ours" in systems]
-    header = ["metric", *systems, *[f"ours/{b}" for b in baselines], "better"]
+    pairs = [(mine, base) for mine, base in PAIRS if base in systems and mine in systems]
+    header = ["metric", *systems, *[f"{mine}/{base}" for mine, base in pairs], "better"]
     rows = []
     for by_system in group(records).values():
         sample = next(iter(by_system.values()))[0]
@@ -125,8 +131,8 @@ def metric_rows(records: list[dict[str, Any]], systems: list[str]) -> tuple[list
                 runs = by_system.get(system, [])
                 found = [v for r in runs if (v := value(r, field.name)) is not None]
                 row.append(Spread(found, len(runs), sum(bool(r.get("error")) for r in runs)).text())
-            for base in baselines:
-                row.append(ratio_spread(by_system.get("ours", []), by_system.get(base, []), field.name).text())
+            for mine, base in pairs:
+                row.append(ratio_spread(by_system.get(mine, []), by_system.get(base, []), field.name).text())
             row.append(field.better)
             rows.append(row)
     return header, rows
@@ -325,7 +331,7 @@ def machine_lines(meta: dict[str, Any]) -> list[str]:
         f"Machine: {m['cpu']}, {m['logical_cores']} logical cores ({m['physical_cores']} physical), "
         f"{m['ram_gb']} GB RAM; {m['os']}, kernel {m['kernel']}; Python {m['python']}",
         f"Packages: {packages}; mosquitto {m['mosquitto'] or 'not installed'}",
-        f"Code: endpoint-broker {m['code']}; load average at start {m['load_average_at_start']}",
+        f"Code: endpoint-broker {m['code']}{before_code(m)}; load average at start {m['load_average_at_start']}",
         f"Profile: {meta['profile']['name']}, {meta['profile']['runs']} runs{layout(meta['profile'])}; "
         f"limits: {meta['limits']}",
     ]

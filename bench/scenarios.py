@@ -18,7 +18,7 @@ from typing import Any
 
 from bench import config, procs
 from bench.cpu import CpuReport, CpuWindow
-from bench.systems import RESTART_STOP_GRACE_S, START_TIMEOUT_S, System, make_system
+from bench.systems import BEFORE_BASED, RESTART_STOP_GRACE_S, START_TIMEOUT_S, System, make_system
 from bench.worker import percentile
 
 HANDSHAKE_TIMEOUT_S = 10.0
@@ -57,6 +57,14 @@ class Context:
     log_level: str
     record: Callable[[Record], None]
     ours_dir: Path  # the checkout whose run_broker.py is "ours" (default: this one)
+    before_dir: Path | None = None  # the older code that "before" and "before-memory" run
+
+
+def code_dir(ctx: Context, system_name: str) -> Path:
+    if system_name in BEFORE_BASED:
+        assert ctx.before_dir is not None, "the CLI requires --before-dir for these systems"
+        return ctx.before_dir
+    return ctx.ours_dir
 
 
 def connect_deadline(n: int) -> float:
@@ -84,7 +92,7 @@ class SessionRunner:
         pin = self.profile.pin_cpus
         service_cpus, generator_cpus = (frozenset({pin[0]}), frozenset({pin[1]})) if pin else (None, None)
         self.system: System = make_system(system_name, ctx.workdir, tag, ctx.secret, session.send, ctx.log_level,
-                                          ctx.ours_dir, service_cpus)
+                                          code_dir(ctx, system_name), service_cpus)
         self.mqtt_workers = [procs.Worker(f"mqtt-worker-{i}", ctx.workdir / f"{tag}-worker{i}.log", generator_cpus)
                              for i in range(self.profile.mqtt_workers)]
         self.http_worker = (procs.Worker("http-worker", ctx.workdir / f"{tag}-http.log", generator_cpus)

@@ -3,6 +3,8 @@
 - ours: run_broker.py (broker and HTTP bridge in one process).
 - ours-memory, ours-nometrics: ours with --store memory, or with metrics off (what durability,
   or metrics, cost is the difference to `ours`).
+- before, before-memory: ours and ours-memory run from --before-dir (an export of an older
+  commit), in the same invocation: the no-regression check of issues 8 and 9.
 - amqtt: bare amqtt 0.12.1 (bench.amqtt_broker) + the DIY publisher for sendEvent.
 - mosquitto: Debian's mosquitto with a generated config + the DIY publisher.
 - lean: the same mosquitto + the lean publisher (no token check, one publish per
@@ -24,7 +26,7 @@ from bench.plan import TopicStyle
 START_TIMEOUT_S = 30.0
 # A restart (the reconnect storm) gives the service this long to stop before it is killed.
 RESTART_STOP_GRACE_S = 15.0
-SYSTEMS = ("ours", "ours-memory", "ours-nometrics", "amqtt", "mosquitto", "lean")
+SYSTEMS = ("ours", "ours-memory", "ours-nometrics", "before", "before-memory", "amqtt", "mosquitto", "lean")
 # ours-memory (ours with --store memory) and ours-nometrics (ours with metrics off) are measured
 # only when named in --targets; lean only where every user owns one endpoint (its sendEvent
 # targets userEndpointId).
@@ -33,6 +35,8 @@ DEFAULT_SYSTEMS = ("ours", "amqtt", "mosquitto")
 MOSQUITTO_BASED = ("mosquitto", "lean")
 # Systems that run this repository's run_broker.py.
 OURS_BASED = ("ours", "ours-memory", "ours-nometrics")
+# Systems that run --before-dir's run_broker.py instead.
+BEFORE_BASED = ("before", "before-memory")
 
 
 def mosquitto_binary() -> str | None:
@@ -131,6 +135,17 @@ class OursNoMetrics(Ours):
     extra_env = (("ENDPOINT_BROKER_METRICS_ENABLED", "false"),)
 
 
+class Before(Ours):
+    """ours as an older commit had it (--before-dir), measured in the same run as today's code."""
+
+    name = "before"
+
+
+class BeforeMemory(Before):
+    name = "before-memory"
+    store = "memory"
+
+
 class BareAmqtt(System):
     name = "amqtt"
 
@@ -190,5 +205,6 @@ def snapshot_ours(repo: Path, destination: Path) -> str:
 def make_system(name: str, workdir: Path, tag: str, secret: str, with_http: bool, log_level: str,
                 ours_dir: Path = procs.REPO, cpus: frozenset[int] | None = None) -> System:
     kinds: dict[str, type[System]] = {"ours": Ours, "ours-memory": OursMemory, "ours-nometrics": OursNoMetrics,
+                                      "before": Before, "before-memory": BeforeMemory,
                                       "amqtt": BareAmqtt, "mosquitto": Mosquitto, "lean": Lean}
     return kinds[name](workdir, tag, secret, with_http, log_level, ours_dir, cpus)
