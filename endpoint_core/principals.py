@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import jwt
-from cachetools import TLRUCache
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.algorithms import HMACAlgorithm
@@ -71,6 +70,43 @@ _FAILURES: tuple[tuple[type[jwt.InvalidTokenError], str, str], ...] = (
 # Verified tokens are remembered for at most this long (and never past `exp`),
 # so a burst of requests with one token pays for one signature check.
 _CACHE_SECONDS = 60.0
+
+
+class TokenCache:
+    """Verified tokens: at most `maxsize`, each until its own deadline.
+
+    A dict in insertion order; when full, the oldest entry goes first. Every REST request
+    looks a token up here, so a lookup is one dict read and one comparison (cachetools'
+    TLRUCache cost ten times that, a tenth of a sendEvent's Python time).
+    """
+
+    __slots__ = ("_entries", "_maxsize")
+
+    def __init__(self, maxsize: int) -> None:
+        self._entries: dict[str, tuple[Principal, float]] = {}
+        self._maxsize = maxsize
+
+    def get(self, token: str) -> Principal | None:
+        entry = self._entries.get(token)
+        if entry is None:
+            return None
+        if time.time() < entry[1]:
+            return entry[0]
+        del self._entries[token]
+        return None
+
+    def put(self, token: str, principal: Principal) -> None:
+        entries = self._entries
+        entries.pop(token, None)
+        while len(entries) >= self._maxsize:
+            del entries[next(iter(entries))]
+        entries[token] = (principal, min(principal.expires_at, time.time() + _CACHE_SECONDS))
+
+    def __contains__(self, token: object) -> bool:
+        return isinstance(token, str) and self.get(token) is not None
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,9 +200,7 @@ class JwtVerifier:
         self._audience = audience
         self._leeway = leeway_seconds
         self._claims = claims or ClaimNames()
-        self._cache: TLRUCache[str, Principal] = TLRUCache(
-            maxsize=cache_size, ttu=_cache_until, timer=time.time
-        )
+        self._cache = TokenCache(cache_size)
 
     @property
     def algorithms(self) -> tuple[str, ...]:
@@ -178,7 +212,7 @@ class JwtVerifier:
             return cached
         principal = self._verify_uncached(token)
         if remember:
-            self._cache[token] = principal
+            self._cache.put(token, principal)
         return principal
 
     def _verify_uncached(self, token: str) -> Principal:
@@ -258,10 +292,6 @@ def _roles_of(value: object) -> list[str]:
                 roles.append(item["authority"])
         return roles
     return []
-
-
-def _cache_until(_token: str, principal: Principal, now: float) -> float:
-    return min(principal.expires_at, now + _CACHE_SECONDS)
 
 
 def mint_token(

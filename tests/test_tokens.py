@@ -264,3 +264,13 @@ def test_a_token_verified_without_remembering_is_not_cached(verifier: JwtVerifie
 
     verifier.verify(token)
     assert token in verifier._cache
+
+
+def test_the_token_cache_holds_at_most_its_size_and_lets_the_oldest_go_first() -> None:
+    verifier = JwtVerifier(secret=SECRET, cache_size=3)
+    tokens = [hs256(userId=f"u{i}") for i in range(5)]
+    for each in tokens:
+        verifier.verify(each)
+
+    assert len(verifier._cache) == 3
+    assert [each in verifier._cache for each in tokens] == [False, False, True, True, True]
