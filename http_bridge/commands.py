@@ -3,10 +3,12 @@
 These are the service's hot paths: every client keeps alive every few seconds
 and backends send events in bursts. Served through Starlette's Request and
 Response objects and its router, each request cost about 20 microseconds more
-(measured; see the commit that introduced this module). `CommandRoutes` is
-mounted as the innermost middleware, so CORS and the 500 handler still wrap
-it; everything else (GET routes, /healthz, /ws, 404 and 405) goes on to
-Starlette. Body limits, JSON parsing and problem bodies are the same functions
+(measured; see the commit that introduced this module). Without CORS they are
+served ahead of Starlette's whole middleware stack (http_bridge.app.BridgeApp),
+inside the request observer; with CORS, `CommandRoutes` serves them as the
+innermost middleware, so CORS wraps them. A command answers its own errors,
+unexpected ones included (500). Everything else (GET routes, /healthz, /ws,
+404 and 405) goes on to Starlette. Body limits, JSON parsing and problem bodies are the same functions
 the Starlette routes use.
 """
 
@@ -23,13 +25,22 @@ from endpoint_core.idempotency import require_key
 from endpoint_core.principals import Principal
 from endpoint_core.service import EndpointService
 from http_bridge import websocket
-from http_bridge.problems import PROBLEM_JSON, problem_body, problem_headers, status_of
+from http_bridge.problems import (
+    PROBLEM_JSON,
+    UNEXPECTED_DETAIL,
+    UNEXPECTED_TITLE,
+    log_unexpected,
+    problem_body,
+    problem_headers,
+    status_of,
+)
 from http_bridge.requests import authorization_of, check_declared_length, check_length, parse_json
 
 PREFIX = "/rtc-api/users/endpoints"
 JSON = b"application/json"
 
-# A command: (service, caller, parsed body, request headers) -> (status, JSON body or None for 204).
+# A command: (service, caller, parsed body, the headers a command reads (COMMAND_HEADERS))
+# -> (status, JSON body or None for 204).
 # Each answers only once what it changed is stored, where the contract promises that.
 Command = Callable[[EndpointService, Principal, object, dict[bytes, bytes]], Awaitable[tuple[int, bytes | None]]]
 
@@ -63,9 +74,15 @@ async def send_event(service: EndpointService, principal: Principal, body: objec
     return 200, orjson.dumps(await service.send_event_durably(principal, body, idempotency_key_of(headers)))
 
 
+# In order of precedence: (header as documented, its name as ASGI gives it).
+_IDEMPOTENCY_NAMES = tuple((header, header.lower().encode()) for header in IDEMPOTENCY_HEADERS)
+CONTENT_LENGTH = b"content-length"
+COMMAND_HEADERS = frozenset({CONTENT_LENGTH, *(name for _, name in _IDEMPOTENCY_NAMES)})
+
+
 def idempotency_key_of(headers: dict[bytes, bytes]) -> str | None:
-    for header in IDEMPOTENCY_HEADERS:
-        value = headers.get(header.lower().encode())
+    for header, name in _IDEMPOTENCY_NAMES:
+        value = headers.get(name)
         if value is not None:
             return require_key(value.decode("latin-1"), header)
     return None
@@ -91,20 +108,36 @@ class CommandEndpoint:
         service: EndpointService = state.service
         try:
             principal = service.authenticate_bearer(authorization_of(scope["headers"]))
-            content_length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
-            body = await _read_body(receive, _text(content_length), state.max_body_bytes)
+            # The last of a repeated header counts, as dict(headers) would have it.
+            headers = {name: value for name, value in scope["headers"] if name in COMMAND_HEADERS}
+            body = await _read_body(receive, _text(headers.get(CONTENT_LENGTH)), state.max_body_bytes)
             if body is None:
                 return  # the client went away
-            status, payload = await self.command(service, principal, parse_json(body), dict(scope["headers"]))
+            status, payload = await self.command(service, principal, parse_json(body), headers)
         except DomainError as error:
             status = status_of(error)
             await _respond(send, status, problem_body(status, error.title, error.detail, error.field),
                            PROBLEM_JSON.encode(), problem_headers(status, error))
             return
+        except Exception:
+            # Answered here, not by Starlette's error middleware, which a command may bypass
+            # (http_bridge.app.BridgeApp); one traceback, and the process carries on.
+            log_unexpected("POST", scope["path"])
+            await _respond(send, 500, problem_body(500, UNEXPECTED_TITLE, UNEXPECTED_DETAIL), PROBLEM_JSON.encode())
+            return
         await _respond(send, status, payload, JSON)
 
 
 ENDPOINTS = {path: CommandEndpoint(command) for path, command in COMMANDS.items()}
+
+
+def is_command(scope: Scope) -> bool:
+    return scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in ENDPOINTS
+
+
+async def serve_command(scope: Scope, receive: Receive, send: Send) -> None:
+    """A request for which `is_command` holds."""
+    await ENDPOINTS[scope["path"]](scope, receive, send)
 
 
 class CommandRoutes:
@@ -118,10 +151,9 @@ class CommandRoutes:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind == "http" and scope["method"] == "POST" and (endpoint := ENDPOINTS.get(scope["path"])):
-            await endpoint(scope, receive, send)
-        elif kind == "websocket" and scope["path"] == websocket.PATH:
+        if is_command(scope):
+            await serve_command(scope, receive, send)
+        elif scope["type"] == "websocket" and scope["path"] == websocket.PATH:
             await websocket.mqtt_over_websocket(scope, receive, send)
         else:
             await self.app(scope, receive, send)

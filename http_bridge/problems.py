@@ -85,6 +85,14 @@ async def http_error(request: Request, exc: Exception) -> Response:
                    headers=exc.headers)
 
 
+UNEXPECTED_TITLE, UNEXPECTED_DETAIL = "Internal server error", "the request failed; the error was logged"
+
+
+def log_unexpected(method: str, path: str) -> None:
+    """One traceback per failed request, from inside its `except` block."""
+    log.exception("unhandled error on %s %s", method, path)
+
+
 async def unexpected_error(request: Request, exc: Exception) -> Response:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return problem(500, "Internal server error", "the request failed; the error was logged")
+    log_unexpected(request.method, request.url.path)
+    return problem(500, UNEXPECTED_TITLE, UNEXPECTED_DETAIL)

@@ -26,10 +26,13 @@ def principal_of(request: Request) -> Principal:
 def authorization_of(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
     """The one Authorization header, or None. Two are refused: which one counts would
     depend on the code reading them (a first-wins reader and a last-wins reader disagree)."""
-    found = [value for name, value in headers if name == b"authorization"]
-    if len(found) > 1:
-        raise InvalidInput("more than one Authorization header", "Authorization")
-    return found[0].decode("latin-1") if found else None
+    found = None
+    for name, value in headers:
+        if name == b"authorization":
+            if found is not None:
+                raise InvalidInput("more than one Authorization header", "Authorization")
+            found = value
+    return None if found is None else found.decode("latin-1")
 
 
 def check_declared_length(content_length: str | None, limit: int) -> None:
@@ -45,10 +48,9 @@ def check_length(received: int, limit: int) -> None:
 
 def parse_json(raw: bytes | bytearray) -> Any:
     """The body as JSON; 400 when it is empty or not JSON (orjson: strict RFC 8259, 64-bit integers)."""
-    if not raw.strip():
-        raise InvalidInput("the request body must be a JSON object", "body")
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
+        if not raw.strip():
+            raise InvalidInput("the request body must be a JSON object", "body") from None
         raise InvalidInput(f"the request body is not valid JSON: {exc}", "body") from None
-

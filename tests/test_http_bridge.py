@@ -89,3 +89,40 @@ def test_a_problem_body_names_the_field() -> None:
 def test_only_a_401_asks_for_a_bearer_token() -> None:
     assert problem_headers(401)["WWW-Authenticate"].startswith("Bearer")
     assert problem_headers(403) == {} and problem_headers(400) == {}
+
+
+def test_a_command_that_fails_unexpectedly_answers_500_with_one_logged_traceback(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Commands may skip Starlette's error middleware (BridgeApp), so they answer their own 500."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from endpoint_core.principals import JwtVerifier
+    from endpoint_core.service import EndpointService
+    from endpoint_core.table import EndpointTable, TablePolicy
+    from http_bridge.commands import CommandEndpoint
+    from tests.support import SECRET, token
+
+    async def broken(*_: object) -> tuple[int, bytes | None]:
+        raise RuntimeError("a bug")
+
+    service = EndpointService(EndpointTable(TablePolicy()), JwtVerifier(secret=SECRET))
+    app = SimpleNamespace(state=SimpleNamespace(service=service, max_body_bytes=1024))
+    scope = {"type": "http", "method": "POST", "path": "/rtc-api/users/endpoints/keepalive", "app": app,
+             "headers": [(b"authorization", f"Bearer {token('alice')}".encode())]}
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    with caplog.at_level("ERROR", logger="endpoint_broker.http"):
+        asyncio.run(CommandEndpoint(broken)(scope, receive, send))
+
+    assert sent[0]["status"] == 500
+    assert (b"content-type", b"application/problem+json") in sent[0]["headers"]
+    assert orjson.loads(sent[1]["body"])["status"] == 500
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1 and "POST /rtc-api/users/endpoints/keepalive" in tracebacks[0].getMessage()
