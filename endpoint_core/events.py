@@ -13,7 +13,7 @@ import copy
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date
 from typing import Any
 
 from cachetools import LRUCache
@@ -30,7 +30,11 @@ from endpoint_core.ids import require_endpoint_id
 # written as words (SipCallCreatedEvent), as in the platform's own event names.
 EVENT_TYPE = re.compile(r"(?:[A-Z][a-z0-9]+){2,}Event")
 # An ISO-8601 instant in UTC with the Z suffix and optional fractional seconds.
-EVENT_TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?Z", re.ASCII)
+# Hours, minutes and seconds are range-checked here; the date against the calendar (_is_date).
+EVENT_TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d(?:\.\d{1,9})?Z", re.ASCII)
+# Dates already checked against the calendar: a burst of events shares a handful of them.
+_KNOWN_DATES: dict[str, bool] = {}
+_MAX_KNOWN_DATES = 1024
 
 _SELECTING_STEPS = (Root, This, Fields, Index, Slice, Wildcard, Filter)
 
@@ -104,13 +108,21 @@ def validate_event(event: Mapping[str, Any]) -> None:
 
 
 def _is_instant(text: str) -> bool:
-    if not EVENT_TIMESTAMP.fullmatch(text):
-        return False
-    try:
-        datetime.fromisoformat(text[:19])  # the calendar check; the format was checked above
-    except ValueError:
-        return False
-    return True
+    return EVENT_TIMESTAMP.fullmatch(text) is not None and _is_date(text[:10])
+
+
+def _is_date(text: str) -> bool:
+    known = _KNOWN_DATES.get(text)
+    if known is None:
+        try:
+            date.fromisoformat(text)
+            known = True
+        except ValueError:
+            known = False
+        if len(_KNOWN_DATES) >= _MAX_KNOWN_DATES:
+            _KNOWN_DATES.clear()
+        _KNOWN_DATES[text] = known
+    return known
 
 
 def _qos(value: object) -> int:

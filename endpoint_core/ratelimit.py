@@ -53,6 +53,10 @@ class TokenBuckets:
     def __len__(self) -> int:
         return 0 if self._buckets is None else len(self._buckets)
 
+    @property
+    def enabled(self) -> bool:
+        return self._buckets is not None
+
     def wait_for(self, key: Hashable) -> float:
         """Take a token for `key`: 0.0 if one was there, else the seconds until one will be."""
         if self._buckets is None:

@@ -214,3 +214,10 @@ def test_masks_may_not_search_too_much() -> None:
 
 def test_the_work_limit_ignores_an_empty_mask_list() -> None:
     assert parse_send_event({"userId": "u", "event": event(items=list(range(30_000))), "masks": []}).masks == ()
+
+
+def test_a_date_is_judged_the_same_every_time() -> None:
+    """Dates are remembered once checked against the calendar: the verdict must not change."""
+    for _ in range(3):
+        validate_event(event(timestamp="2012-02-29T10:15:30Z"))
+        assert refused({"userId": "u", "event": event(timestamp="2011-02-29T10:15:30Z")}) == "event.timestamp"
