@@ -52,7 +52,9 @@ class RandomIds:
 new_event_id = RandomIds()
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass sets each of its 13 fields through object.__setattr__, and a
+# CONNECT makes two or three of these (about 12 us of its CPU). Nothing changes one once made.
+@dataclass(slots=True, eq=False)
 class LifecycleEvent:
     type: LifecycleType
     at: float  # Unix time
