@@ -4,11 +4,12 @@ A bucket holds up to `burst` tokens and refills at `rate` tokens a second; each
 request takes one, and a request that finds the bucket empty is refused with the
 time until a token is back. A rate of 0 turns the limit off.
 
-Buckets live in a TTL cache: a bucket idle for burst / rate seconds is full again,
-so forgetting it changes nothing; and the cache holds at most `max_keys` buckets,
-so a flood of distinct callers cannot grow memory without bound (the least
-recently used bucket is dropped first, which at worst gives its caller a full
-burst again).
+Buckets live in a dict kept in order of last use: a bucket idle for burst / rate
+seconds is full again, so forgetting it changes nothing; and the dict holds at
+most `max_keys` buckets, so a flood of distinct callers cannot grow memory
+without bound (the least recently used bucket is dropped first, which at worst
+gives its caller a full burst again). Every MQTT CONNECT takes a token, and a
+plain dict costs a fraction of cachetools' TTLCache there.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import math
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-from cachetools import TTLCache
 
 from endpoint_core.clock import Clock, monotonic
 from endpoint_core.errors import RateLimited
@@ -45,10 +45,10 @@ class TokenBuckets:
         self.rate = rate
         self.burst = burst
         self._clock = clock
-        # (tokens left, when they were counted), by caller.
-        self._buckets: TTLCache[Hashable, tuple[float, float]] | None = (
-            TTLCache(maxsize=max_keys, ttl=burst / rate, timer=clock) if rate > 0 else None
-        )
+        self._max_keys = max_keys
+        self._full_after = burst / rate if rate > 0 else 0.0  # idle this long, a bucket is full again
+        # (tokens left, when they were counted), by caller, least recently used first.
+        self._buckets: dict[Hashable, tuple[float, float]] | None = {} if rate > 0 else None
 
     def __len__(self) -> int:
         return 0 if self._buckets is None else len(self._buckets)
@@ -61,14 +61,26 @@ class TokenBuckets:
         """Take a token for `key`: 0.0 if one was there, else the seconds until one will be."""
         if self._buckets is None:
             return 0.0
+        buckets = self._buckets
         now = self._clock()
-        tokens, counted_at = self._buckets.get(key, (float(self.burst), now))
+        tokens, counted_at = buckets.pop(key, None) or (float(self.burst), now)  # re-added last: in use
         tokens = min(float(self.burst), tokens + (now - counted_at) * self.rate)
+        wait = 0.0
         if tokens < 1.0:
-            self._buckets[key] = (tokens, now)
-            return (1.0 - tokens) / self.rate
-        self._buckets[key] = (tokens - 1.0, now)
-        return 0.0
+            wait = (1.0 - tokens) / self.rate
+        else:
+            tokens -= 1.0
+        buckets[key] = (tokens, now)
+        self._forget(buckets, now)
+        return wait
+
+    def _forget(self, buckets: dict[Hashable, tuple[float, float]], now: float) -> None:
+        """Drop the least recently used buckets that are full again, or over max_keys."""
+        while buckets:
+            oldest = next(iter(buckets))
+            if len(buckets) <= self._max_keys and now - buckets[oldest][1] < self._full_after:
+                return
+            del buckets[oldest]
 
     def take(self, key: Hashable, what: str) -> None:
         """Take a token for `key`, or raise RateLimited saying when to retry."""

@@ -119,3 +119,13 @@ def test_connects_are_limited_per_client_id() -> None:
 
 def test_the_defaults_are_the_issues() -> None:
     assert RateLimitPolicy() == RateLimitPolicy(0, 2000, 20, 200, 2, 10)
+
+
+def test_over_max_keys_the_least_recently_used_bucket_goes_first() -> None:
+    buckets = TokenBuckets(rate=1.0, burst=1, clock=Clock(), max_keys=2)
+    assert buckets.wait_for("a") == 0.0 and buckets.wait_for("b") == 0.0
+    assert buckets.wait_for("a") > 0  # "a" is empty, and now the most recently used
+    buckets.wait_for("c")  # over max_keys: "b" goes, not "a"
+    assert len(buckets) == 2
+    assert buckets.wait_for("a") > 0  # still remembered as empty
+    assert buckets.wait_for("b") == 0.0  # forgotten, so full again
