@@ -18,7 +18,6 @@ import math
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-
 from endpoint_core.clock import Clock, monotonic
 from endpoint_core.errors import RateLimited
 
