@@ -62,7 +62,7 @@ class TokenBuckets:
             return 0.0
         buckets = self._buckets
         now = self._clock()
-        tokens, counted_at = buckets.pop(key, None) or (float(self.burst), now)  # re-added last: in use
+        tokens, counted_at = buckets.pop(key, (float(self.burst), now))  # re-added last: in use
         tokens = min(float(self.burst), tokens + (now - counted_at) * self.rate)
         wait = 0.0
         if tokens < 1.0:
