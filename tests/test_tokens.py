@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import hmac
+import json
 import time
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -241,7 +244,9 @@ def test_minted_tokens_verify() -> None:
 
 def test_the_secret_is_checked_once_not_once_per_token(verifier: JwtVerifier,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    tokens = {user: hs256(userId=user) for user in ("u1", "u2", "u3")}  # encoding checks the key too
+    # A `kid` header takes PyJWT's path (a plain HS256 header is checked without PyJWT, below).
+    tokens = {user: jwt.encode(claims(userId=user), SECRET, algorithm="HS256", headers={"kid": "k1"})
+              for user in ("u1", "u2", "u3")}  # encoding checks the key too
     checks: list[object] = []
     library_check = jwt.algorithms.HMACAlgorithm.prepare_key
     monkeypatch.setattr(jwt.algorithms.HMACAlgorithm, "prepare_key",
@@ -274,3 +279,94 @@ def test_the_token_cache_holds_at_most_its_size_and_lets_the_oldest_go_first() -
 
     assert len(verifier._cache) == 3
     assert [each in verifier._cache for each in tokens] == [False, False, True, True, True]
+
+
+# ----------------------------------------------------- HS256 without PyJWT
+
+def b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def forged(header: bytes, payload: bytes, secret: str = SECRET) -> str:
+    """A token signed with HS256 over exactly these bytes, whatever they say."""
+    signed = f"{b64url(header)}.{b64url(payload)}"
+    return f"{signed}.{b64url(hmac.digest(secret.encode(), signed.encode(), 'sha256'))}"
+
+
+def plain(**overrides: Any) -> str:
+    return forged(b'{"alg":"HS256","typ":"JWT"}', json.dumps(claims(**overrides)).encode())
+
+
+NOW = int(time.time())
+# Every way the fast path could disagree with PyJWT: time claims at and around their bounds and of
+# every JSON type, optional claims of the wrong type, other headers, broken segments.
+EDGE_TOKENS = {
+    "valid": plain(),
+    "float exp": plain(exp=NOW + 600.5),
+    "expired": plain(exp=NOW - 600),
+    "expired within the leeway": plain(exp=NOW - 2),
+    "expired just past the leeway": plain(exp=NOW - 6),
+    "exp as a string": plain(exp=str(NOW + 600)),
+    "exp as a bool": plain(exp=True),
+    "exp huge": plain(exp=10**30),
+    "exp negative huge": plain(exp=-(10**30)),
+    "exp missing": forged(b'{"alg":"HS256"}', b'{"userId":"alice","organization_id":"acme"}'),
+    "exp null": forged(b'{"alg":"HS256"}', b'{"userId":"alice","exp":null}'),
+    "exp NaN": forged(b'{"alg":"HS256"}', b'{"userId":"alice","exp":NaN}'),
+    "nbf future": plain(nbf=NOW + 600),
+    "nbf within the leeway": plain(nbf=NOW + 2),
+    "nbf as a string": plain(nbf="soon"),
+    "iat future": plain(iat=NOW + 600),
+    "iat as a string": plain(iat="abc"),
+    "iat as a numeric string": plain(iat=str(NOW)),
+    "sub not a string": plain(sub=123),
+    "jti not a string": plain(jti=5),
+    "aud with no audience configured": plain(aud="someone"),
+    "header with kid": forged(b'{"alg":"HS256","kid":"k1"}', json.dumps(claims()).encode()),
+    "header with crit": forged(b'{"alg":"HS256","crit":["b64"],"b64":false}', json.dumps(claims()).encode()),
+    "typ not a string": forged(b'{"alg":"HS256","typ":1}', json.dumps(claims()).encode()),
+    "alg none": b64url(b'{"alg":"none"}') + "." + b64url(json.dumps(claims()).encode()) + ".",
+    "alg HS384": jwt.encode(claims(), SECRET, algorithm="HS384"),
+    "header not JSON": forged(b"{alg", json.dumps(claims()).encode()),
+    "header an array": forged(b'["HS256"]', json.dumps(claims()).encode()),
+    "payload not JSON": forged(b'{"alg":"HS256"}', b"{exp"),
+    "payload an array": forged(b'{"alg":"HS256"}', b"[1,2]"),
+    "wrong key": plain().rsplit(".", 1)[0] + "." + b64url(b"x" * 32),
+    "another secret": forged(b'{"alg":"HS256"}', json.dumps(claims()).encode(), secret="z" * 40),
+    "two segments": ".".join(plain().split(".")[:2]),
+    "four segments": plain() + ".x",
+    "not ASCII": plain()[:-2] + "\u00e9\u00e9",
+    "characters outside base64": plain()[:-1] + "$" + plain()[-1],
+    "no userId": forged(b'{"alg":"HS256"}', json.dumps({"exp": NOW + 600}).encode()),
+}
+
+
+def outcome(verifier: JwtVerifier, token: str) -> tuple[Any, ...]:
+    try:
+        principal = verifier.verify(token, remember=False)
+    except NotAuthenticated as refusal:
+        return ("refused", refusal.reason, refusal.detail)
+    return ("accepted", principal)
+
+
+@pytest.mark.parametrize("name", EDGE_TOKENS)
+def test_the_hs256_fast_path_decides_as_pyjwt_does(name: str) -> None:
+    fast, pyjwt_only = JwtVerifier(secret=SECRET, leeway_seconds=5), JwtVerifier(secret=SECRET, leeway_seconds=5)
+    pyjwt_only._fast_hs256_key = None
+    assert outcome(fast, EDGE_TOKENS[name]) == outcome(pyjwt_only, EDGE_TOKENS[name])
+
+
+def test_a_plain_hs256_token_is_verified_without_pyjwt(verifier: JwtVerifier,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_pyjwt(*_: object, **__: object) -> None:
+        raise AssertionError("PyJWT was asked")
+
+    monkeypatch.setattr(verifier._decoder, "decode", no_pyjwt)
+    assert verifier.verify(hs256()).user_id == "alice"  # PyJWT's own encoding, header and all
+    assert verifier.verify(EDGE_TOKENS["float exp"]).user_id == "alice"
+
+
+def test_with_an_issuer_or_audience_every_token_goes_to_pyjwt() -> None:
+    for verifier in (JwtVerifier(secret=SECRET, issuer="me"), JwtVerifier(secret=SECRET, audience="us")):
+        assert verifier._fast_hs256_key is None
+        assert outcome(verifier, plain())[0] == "refused"  # no iss / aud claim
