@@ -36,7 +36,6 @@ outnumber them, so it stays O(endpoints) however long the keepalives are.
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 import itertools
 import logging
@@ -136,6 +135,30 @@ class TableStats:
     timer_batch_seconds: BucketCounts = field(default_factory=lambda: BucketCounts(SECONDS_BUCKETS))
 
 
+class JournalBatch:
+    """The table's journal_batch(): a class, not a generator context manager, which cost about
+    4 us of every QoS 1 sendEvent. One per table, re-entered by nested batches."""
+
+    __slots__ = ("_depth", "_table")
+
+    def __init__(self, table: EndpointTable) -> None:
+        self._table = table
+        self._depth = 0
+
+    def __enter__(self) -> None:
+        self._depth += 1
+        if self._depth == 1:
+            self._table._batch = []
+
+    def __exit__(self, *_: object) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            table = self._table
+            batch, table._batch = table._batch, None
+            if batch:
+                table._journal.append(batch)
+
+
 @dataclass(slots=True)
 class DeliveryReport:
     delivered: int = 0  # QoS 0: written to a live subscription. QoS 1: queued or sent.
@@ -161,6 +184,7 @@ class EndpointTable:
         self._journal: Journal = journal or _NoJournal()
         # Changes held back by journal_batch(), to reach the store in one append (so in one commit).
         self._batch: list[Change] | None = None
+        self._journal_batch = JournalBatch(self)
         # How many changes were journalled so far: an adapter compares it before and after an
         # operation to know whether its answer must wait for the store.
         self.journalled = 0
@@ -700,19 +724,10 @@ class EndpointTable:
         else:
             self._journal.append(changes)
 
-    @contextlib.contextmanager
-    def journal_batch(self) -> Iterator[None]:
-        """Everything journalled inside reaches the store in one append, so it commits together."""
-        if self._batch is not None:
-            yield  # already inside a batch
-            return
-        self._batch = []
-        try:
-            yield
-        finally:
-            batch, self._batch = self._batch, None
-            if batch:
-                self._journal.append(batch)
+    def journal_batch(self) -> JournalBatch:
+        """`with table.journal_batch():` everything journalled inside reaches the store in one
+        append, so it commits together. Batches nest: the outermost one appends."""
+        return self._journal_batch
 
     def _journal_endpoint(self, endpoint: UserEndpoint) -> None:
         """Record the endpoint as a restart must see it (not its state or deadline: those restart)."""

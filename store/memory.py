@@ -14,6 +14,7 @@ class MemoryStore:
     def __init__(self) -> None:
         self._stats = StoreStats()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._done: asyncio.Future[None] | None = None  # one done future serves every caller
 
     def load(self) -> Snapshot:
         return Snapshot()
@@ -26,10 +27,13 @@ class MemoryStore:
         pass
 
     def committed(self) -> asyncio.Future[None]:
-        # Already done, so an adapter awaiting it answers without yielding to the loop.
-        future: asyncio.Future[None] = (self._loop or asyncio.get_running_loop()).create_future()
-        future.set_result(None)
-        return future
+        # Already done, so an adapter awaiting it answers without yielding to the loop; a done
+        # future cannot be cancelled or change, so one is shared (made in the loop that asks).
+        loop, done = self._loop or asyncio.get_running_loop(), self._done
+        if done is None or done.get_loop() is not loop:
+            done = self._done = loop.create_future()
+            done.set_result(None)
+        return done
 
     @property
     def healthy(self) -> bool:
