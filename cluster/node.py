@@ -662,6 +662,7 @@ class ClusterNode:
 
 def _wire(event: LifecycleEvent) -> dict[str, Any]:
     """A lifecycle event as it crosses to the other nodes: every field, the same id."""
+    event.id  # noqa: B018 - drawn now, so that every node has the same
     fields = {f.name: getattr(event, f.name) for f in dataclasses.fields(event)}
     fields["type"] = event.type.value
     return fields

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from endpoint_core.clock import iso_instant
@@ -69,7 +69,14 @@ class LifecycleEvent:
     reason: str | None = None  # DISCONNECTED (a DisconnectReason), UNREGISTERED (a RemovalReason)
     transport: str | None = None  # CONNECTED: "tcp", "tls" or "websocket"
     # One id per event, the same in every copy (MQTT, webhook, stream), so receivers can deduplicate.
-    id: str = field(default_factory=new_event_id)
+    # Drawn when first read (`id`): most events are only counted, and a CONNECT makes two or three.
+    drawn_id: str | None = None
+
+    @property
+    def id(self) -> str:
+        if self.drawn_id is None:
+            self.drawn_id = new_event_id()
+        return self.drawn_id
 
     def to_json(self) -> dict[str, Any]:
         """The platform's event shape: type, timestamp, id, then the endpoint's fields."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 
@@ -132,3 +133,11 @@ def test_event_ids_are_distinct_random_uuid4s_across_refills_of_the_pool() -> No
     for text in ids:
         parsed = uuid.UUID(text)
         assert (str(parsed), parsed.version, parsed.variant) == (text, 4, uuid.RFC_4122)
+
+
+def test_an_events_id_is_drawn_once_and_is_the_same_in_every_copy() -> None:
+    made, other = event(), event()
+    assert made.drawn_id is None  # not drawn until read: most events are only counted
+    assert made.id == made.id == made.to_json()["id"]
+    assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", made.id)
+    assert other.id != made.id
