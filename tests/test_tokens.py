@@ -326,7 +326,7 @@ EDGE_TOKENS = {
     "header with crit": forged(b'{"alg":"HS256","crit":["b64"],"b64":false}', json.dumps(claims()).encode()),
     "typ not a string": forged(b'{"alg":"HS256","typ":1}', json.dumps(claims()).encode()),
     "alg none": b64url(b'{"alg":"none"}') + "." + b64url(json.dumps(claims()).encode()) + ".",
-    "alg HS384": jwt.encode(claims(), SECRET, algorithm="HS384"),
+    "alg HS384": jwt.encode(claims(), SECRET * 2, algorithm="HS384"),  # a key long enough for HS384
     "header not JSON": forged(b"{alg", json.dumps(claims()).encode()),
     "header an array": forged(b'["HS256"]', json.dumps(claims()).encode()),
     "payload not JSON": forged(b'{"alg":"HS256"}', b"{exp"),
