@@ -18,12 +18,12 @@ from endpoint_core.errors import DomainError
 from endpoint_core.expiry import ExpiryDriver
 from endpoint_core.journal import Store
 from endpoint_core.service import EndpointService
-from http_bridge.commands import CommandRoutes, is_command, serve_command
+from http_bridge.commands import CommandRoutes, answer_command, is_command
 from http_bridge.dashboard import DashboardPolicy, DashboardStreams
 from http_bridge.problems import domain_error, http_error, unexpected_error
 from http_bridge.routes import routes
 from http_bridge.webhook import WebhookSender
-from observability.requests import RequestIds, RequestObserver
+from observability.requests import ObservedCommands, RequestIds, RequestObserver
 from observability.wiring import Observability
 
 
@@ -32,9 +32,9 @@ class BridgeApp(Starlette):
 
     They are the hot paths (sendEvent, keepalive). Starlette's own __call__, its error
     middleware and that middleware's send wrapper cost about 2 microseconds a request, a
-    fiftieth of a sendEvent. The commands keep what the stack gave them: the same request
-    observer (request id, metrics), and their own answer to an unexpected error
-    (http_bridge.commands). `commands` is None when CORS is configured: CORS must wrap them.
+    fiftieth of a sendEvent. The commands keep what the stack gave them: the request id and
+    metrics (observability.requests.ObservedCommands), and their own answer to an unexpected
+    error (http_bridge.commands). `commands` is None when CORS is configured: CORS must wrap them.
     """
 
     commands: ASGIApp | None = None
@@ -128,8 +128,8 @@ def create_app(
     middleware: list[Middleware] = [
         Middleware(RequestIds) if observability is None else Middleware(RequestObserver, stats=observability.http)]
     # The same observer class, for the commands that skip the stack (BridgeApp).
-    commands = None if cors_allow_origins else (
-        RequestIds(serve_command) if observability is None else RequestObserver(serve_command, observability.http))
+    commands = None if cors_allow_origins else ObservedCommands(
+        answer_command, None if observability is None else observability.http)
     if cors_allow_origins:
         # Tokens travel in the Authorization header, never in cookies, so no credentials mode.
         middleware.append(Middleware(

@@ -104,6 +104,12 @@ class CommandEndpoint:
         self.command = command
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.answer(scope, receive, send)
+
+    async def answer(self, scope: Scope, receive: Receive, send: Send,
+                     request_id_header: tuple[bytes, bytes] | None = None) -> int | None:
+        """Serve the command, with `request_id_header` in the answer; the status answered, or
+        None if the client went away first (observability.requests.ObservedCommands)."""
         state = scope["app"].state
         service: EndpointService = state.service
         try:
@@ -112,20 +118,22 @@ class CommandEndpoint:
             headers = {name: value for name, value in scope["headers"] if name in COMMAND_HEADERS}
             body = await _read_body(receive, _text(headers.get(CONTENT_LENGTH)), state.max_body_bytes)
             if body is None:
-                return  # the client went away
+                return None  # the client went away
             status, payload = await self.command(service, principal, parse_json(body), headers)
         except DomainError as error:
             status = status_of(error)
             await _respond(send, status, problem_body(status, error.title, error.detail, error.field),
-                           PROBLEM_JSON.encode(), problem_headers(status, error))
-            return
+                           PROBLEM_JSON.encode(), problem_headers(status, error), request_id_header)
+            return status
         except Exception:
             # Answered here, not by Starlette's error middleware, which a command may bypass
             # (http_bridge.app.BridgeApp); one traceback, and the process carries on.
             log_unexpected("POST", scope["path"])
-            await _respond(send, 500, problem_body(500, UNEXPECTED_TITLE, UNEXPECTED_DETAIL), PROBLEM_JSON.encode())
-            return
-        await _respond(send, status, payload, JSON)
+            await _respond(send, 500, problem_body(500, UNEXPECTED_TITLE, UNEXPECTED_DETAIL), PROBLEM_JSON.encode(),
+                           None, request_id_header)
+            return 500
+        await _respond(send, status, payload, JSON, None, request_id_header)
+        return status
 
 
 ENDPOINTS = {path: CommandEndpoint(command) for path, command in COMMANDS.items()}
@@ -138,6 +146,12 @@ def is_command(scope: Scope) -> bool:
 async def serve_command(scope: Scope, receive: Receive, send: Send) -> None:
     """A request for which `is_command` holds."""
     await ENDPOINTS[scope["path"]](scope, receive, send)
+
+
+async def answer_command(scope: Scope, receive: Receive, send: Send,
+                         request_id_header: tuple[bytes, bytes]) -> int | None:
+    """serve_command, for observability.requests.ObservedCommands."""
+    return await ENDPOINTS[scope["path"]].answer(scope, receive, send, request_id_header)
 
 
 class CommandRoutes:
@@ -181,12 +195,15 @@ def _text(value: bytes | None) -> str | None:
 
 
 async def _respond(send: Send, status: int, body: bytes | None, content_type: bytes,
-                   extra_headers: dict[str, str] | None = None) -> None:
+                   extra_headers: dict[str, str] | None = None,
+                   request_id_header: tuple[bytes, bytes] | None = None) -> None:
     headers = []
     if body is not None:  # a 204 carries neither a body nor a Content-Length (RFC 9110, 8.6)
         headers += [(b"content-length", str(len(body)).encode()), (b"content-type", content_type)]
     for name, value in (extra_headers or {}).items():
         headers.append((name.lower().encode(), value.encode()))
+    if request_id_header is not None:
+        headers.append(request_id_header)
     start: Message = {"type": "http.response.start", "status": status, "headers": headers}
     await send(start)
     await send({"type": "http.response.body", "body": body or b""})

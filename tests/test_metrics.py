@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Iterable
 
 import httpx
+import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
@@ -357,3 +358,27 @@ def test_no_metrics_flag_turns_metrics_off_in_the_real_service(make_service) -> 
     assert httpx.get(service.base_url + "/metrics", timeout=10).status_code == 404
     response = httpx.get(service.base_url + "/healthz", headers={"X-Request-Id": "probe-7"}, timeout=10)
     assert response.status_code == 200 and response.headers["x-request-id"] == "probe-7"
+
+
+def post(app: ASGIApp, path: str, headers: dict[str, str] | None = None) -> httpx.Response:
+    async def request() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return await client.post(path, headers=headers, json={})
+
+    return asyncio.run(request())
+
+
+@pytest.mark.parametrize("metrics_enabled", [True, False])
+def test_commands_served_ahead_of_starlette_keep_their_request_id_and_are_counted(metrics_enabled: bool) -> None:
+    """BridgeApp serves the POST commands outside Starlette's stack (ObservedCommands)."""
+    app = app_with(metrics_enabled=metrics_enabled)
+    assert app.commands is not None  # no CORS: the fast path is the one under test
+    path = "/rtc-api/users/endpoints/keepalive"
+    response = post(app, path, headers={"X-Request-Id": "cmd-1"})
+    assert response.status_code == 401 and response.headers["x-request-id"] == "cmd-1"
+    assert response.headers.get_list("x-request-id") == ["cmd-1"]  # added once, not by two layers
+    fresh = post(app, path).headers["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{16}-[0-9a-f]+", fresh)
+    if metrics_enabled:
+        counted = app.state.observability.http.routes[path].by_status
+        assert counted == [0, 0, 0, 2, 0]  # both 401s, as 4xx
