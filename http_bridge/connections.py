@@ -63,25 +63,50 @@ def max_connections_for(configured: int, file_limit: int | None) -> int:
     return max(1, min(configured, file_limit - fd_reserve(file_limit) - HEALTH_OVERFLOW))
 
 
+class EndOfIteration:
+    """Flushes, at the end of the loop iteration, every CoalescedWrites written to in it.
+
+    One call_soon per iteration for all connections, not one per response: a response that
+    completes flushes itself at once (on_response_complete), so this is the backstop for a
+    response still being streamed.
+    """
+
+    __slots__ = ("_dirty", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._dirty: list[CoalescedWrites] = []
+
+    def mark(self, writes: CoalescedWrites) -> None:
+        if not self._dirty:
+            self.loop.call_soon(self._flush_all)
+        self._dirty.append(writes)
+
+    def _flush_all(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        for writes in dirty:
+            writes.flush()
+
+
 class CoalescedWrites:
     """A transport whose writes within one loop iteration leave as one `write`.
 
-    Flushed at the end of the iteration (call_soon), when a response completes, and before a
-    close; `abort` drops what is pending, as the real transport would. Everything else is the
-    real transport's.
+    Flushed when a response completes, before a close, and at the end of the iteration
+    (EndOfIteration); `abort` drops what is pending, as the real transport would. Everything
+    else is the real transport's.
     """
 
-    __slots__ = ("_loop", "_pending", "transport")
+    __slots__ = ("_end_of_iteration", "_pending", "transport")
 
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, transport: asyncio.Transport, end_of_iteration: EndOfIteration) -> None:
         self.transport = transport
-        self._loop = loop
+        self._end_of_iteration = end_of_iteration
         self._pending: bytes | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._pending is None:
             self._pending = bytes(data)
-            self._loop.call_soon(self.flush)
+            self._end_of_iteration.mark(self)
         else:
             self._pending += data
 
@@ -114,10 +139,14 @@ def guarded_protocol(*, request_timeout_seconds: float, max_connections: int) ->
         _timer: asyncio.TimerHandle | None = None
         _deadline_at: float | None = None  # None: no request in progress
         _over_capacity = False
+        _end_of_iteration: EndOfIteration | None = None  # the server's one, in its loop
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            self.transport = CoalescedWrites(transport, self.loop)  # type: ignore[assignment]
+            shared = GuardedHttpProtocol._end_of_iteration
+            if shared is None or shared.loop is not self.loop:
+                shared = GuardedHttpProtocol._end_of_iteration = EndOfIteration(self.loop)
+            self.transport = CoalescedWrites(transport, shared)  # type: ignore[assignment]
             open_connections = len(self.connections)  # this one included, WebSockets too
             if open_connections > max_connections + HEALTH_OVERFLOW:
                 transport.abort()  # frees the descriptor now; nothing is read or written

@@ -11,7 +11,13 @@ from pathlib import Path
 
 import httpx
 
-from http_bridge.connections import HEALTH_OVERFLOW, MIN_FD_RESERVE, CoalescedWrites, max_connections_for
+from http_bridge.connections import (
+    HEALTH_OVERFLOW,
+    MIN_FD_RESERVE,
+    CoalescedWrites,
+    EndOfIteration,
+    max_connections_for,
+)
 from tests.support import RawMqtt, ServiceProcess, event, paho_client, token, wait_until
 
 
@@ -56,7 +62,7 @@ class RecordingTransport:
 
 async def test_a_response_written_in_pieces_leaves_in_one_write() -> None:
     real = RecordingTransport()
-    coalesced = CoalescedWrites(real, asyncio.get_running_loop())  # type: ignore[arg-type]
+    coalesced = CoalescedWrites(real, EndOfIteration(asyncio.get_running_loop()))  # type: ignore[arg-type]
 
     coalesced.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
     coalesced.write(b"{}")
@@ -71,10 +77,10 @@ async def test_close_sends_what_is_pending_first_and_abort_drops_it() -> None:
     loop = asyncio.get_running_loop()
     closed, aborted = RecordingTransport(), RecordingTransport()
 
-    by_close = CoalescedWrites(closed, loop)  # type: ignore[arg-type]
+    by_close = CoalescedWrites(closed, EndOfIteration(loop))  # type: ignore[arg-type]
     by_close.write(b"last")
     by_close.close()
-    by_abort = CoalescedWrites(aborted, loop)  # type: ignore[arg-type]
+    by_abort = CoalescedWrites(aborted, EndOfIteration(loop))  # type: ignore[arg-type]
     by_abort.write(b"lost")
     by_abort.abort()
     await asyncio.sleep(0)  # the end of the loop iteration: nothing more is written
@@ -165,3 +171,19 @@ def _healthz(process: ServiceProcess) -> dict[str, object] | None:
     except httpx.HTTPError:
         return None
     return response.json() if response.status_code == 200 else None  # type: ignore[no-any-return]
+
+
+async def test_one_end_of_iteration_flushes_every_connection_written_in_it() -> None:
+    end_of_iteration = EndOfIteration(asyncio.get_running_loop())
+    first, second = RecordingTransport(), RecordingTransport()
+    a = CoalescedWrites(first, end_of_iteration)  # type: ignore[arg-type]
+    b = CoalescedWrites(second, end_of_iteration)  # type: ignore[arg-type]
+    a.write(b"a1")
+    b.write(b"b1")
+    a.write(b"a2")
+    await asyncio.sleep(0)  # the end of the loop iteration
+
+    assert (first.writes, second.writes) == ([b"a1a2"], [b"b1"])
+    a.write(b"a3")  # a later iteration is flushed by a later callback
+    await asyncio.sleep(0)
+    assert first.writes == [b"a1a2", b"a3"]
