@@ -80,7 +80,7 @@ class PublishReceived:
     retain: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per QoS 1 acknowledgement, and a frozen init costs more
 class PubackReceived:
     packet_id: int
 

@@ -57,7 +57,9 @@ _compiled_masks: LRUCache[str, tuple[Any, int]] = LRUCache(
 MAX_MASK_WORK = 20_000
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one is made per sendEvent, and a frozen dataclass sets each field through
+# object.__setattr__. Nothing changes one once parsed.
+@dataclass(slots=True)
 class SendEventCommand:
     event: dict[str, Any]
     user_id: str
