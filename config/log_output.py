@@ -32,6 +32,8 @@ MAX_PENDING_BYTES = 16 * 1024 * 1024
 # burst (or lines carrying large events) never sits in memory for long.
 WAKE_PENDING_BYTES = 256 * 1024
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# ",000" to ",999": the timestamp's milliseconds, looked up rather than formatted for each line.
+_MILLISECONDS = tuple(f",{ms:03d}" for ms in range(1000))
 
 
 class TextFormatter(logging.Formatter):
@@ -55,7 +57,7 @@ class TextFormatter(logging.Formatter):
         if second != cached:
             text = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second))
             self._second_text = (second, text)
-        return f"{text},{int(record.msecs):03d}"
+        return text + _MILLISECONDS[int(record.msecs)]
 
     def format(self, record: logging.LogRecord) -> str:
         record.message = message = record.getMessage()

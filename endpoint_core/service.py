@@ -281,7 +281,8 @@ class EndpointService:
             )
         if event_log.isEnabledFor(logging.INFO):
             logged = orjson.dumps(masked(command.event, command.masks)) if command.masks else payload
-            event_log.info("sendEvent %s", orjson.dumps({
+            # One string and no arguments: the record skips the %-formatting and its Mapping check.
+            event_log.info("sendEvent " + orjson.dumps({
                 "type": command.event["type"],
                 "organizationId": organization_id,
                 "userId": command.user_id,
