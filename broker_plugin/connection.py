@@ -90,6 +90,7 @@ class PingReceived:
     """Already answered (PINGRESP)."""
 
 
+PINGREQ_BYTES = bytes((codec.PINGREQ << 4, 0))
 PING_RECEIVED = PingReceived()  # it carries nothing: one instance serves every PINGREQ
 
 
@@ -163,6 +164,23 @@ class MqttConnection:
         return self.phase is Phase.CLOSED
 
     # ------------------------------------------------------------- input
+
+    def answer_lone_ping(self, data: bytes) -> bytes | None:
+        """The PINGRESP to write at once, when `data` is exactly one PINGREQ and nothing else is
+        buffered, queued or held: the one packet an idle client sends, counted as receive_data,
+        next_event and data_to_send would count it, without their round trip. None otherwise:
+        then feed `data` to receive_data as usual."""
+        if (data != PINGREQ_BYTES or self._buffer or self._outgoing or self.held
+                or self.phase is not Phase.CONNECTED or self._pending_close is not None):
+            return None
+        counters = self._counters
+        self.bytes_received += 2
+        self.bytes_sent += 2
+        counters.bytes_in += 2
+        counters.bytes_out += 2
+        counters.packets_in[codec.PINGREQ] += 1
+        counters.packets_out[codec.PINGRESP] += 1
+        return codec.PINGRESP_BYTES
 
     def receive_data(self, data: bytes) -> None:
         """Buffer bytes from the network; `next_event` parses them."""

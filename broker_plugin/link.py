@@ -124,6 +124,11 @@ class MqttLink:
     # ----------------------------------------------------------- transport side
 
     def data_received(self, data: bytes) -> None:
+        pong = self._connection.answer_lone_ping(data)
+        if pong is not None:  # an idle client's keepalive: the most frequent packet there is
+            self._touched()
+            self._write(pong)
+            return
         self._connection.receive_data(data)
         self._process()
 
@@ -190,12 +195,16 @@ class MqttLink:
 
     # ------------------------------------------------------------------ events
 
-    def _handle(self, event: Event) -> None:
+    def _touched(self) -> None:
+        """Every packet from the client is a keepalive for its endpoint."""
         endpoint = self.endpoint
         if endpoint is not None:
-            # Every packet from the client is a keepalive for its endpoint.
             self._host.table.touch(endpoint, self)
             self._host.plugin.service.feeds.touch(self)
+
+    def _handle(self, event: Event) -> None:
+        self._touched()
+        endpoint = self.endpoint
         if event is PING_RECEIVED:
             return  # answered by the connection; a keepalive, counted above
         if isinstance(event, PubackReceived):

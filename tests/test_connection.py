@@ -740,3 +740,24 @@ def test_a_puback_read_in_place_is_the_same_event_and_a_malformed_one_still_clos
     assert drain(connection) == [PubackReceived(0x0102), PubackReceived(7)]
     connection.receive_data(bytes((0x40, 2, 0, 0)))  # packet id 0 is still refused
     assert drain(connection) == [Closed(VIOLATION, "packet id 0")]
+
+
+def test_a_lone_pingreq_is_answered_at_once_and_counted_like_any_other() -> None:
+    counters = MqttCounters()
+    connection = MqttConnection(LIMITS, START, counters)
+    assert connection.answer_lone_ping(PINGREQ) is None  # no CONNECT yet: through receive_data
+    connection.receive_data(connect_packet())
+    drain(connection)
+    connection.accept(False, None)
+    connection.data_to_send()
+    before_in, before_out = connection.bytes_received, connection.bytes_sent
+
+    assert connection.answer_lone_ping(PINGREQ) == PINGRESP
+    assert (counters.packets_in[codec.PINGREQ], counters.packets_out[codec.PINGRESP]) == (1, 1)
+    assert (connection.bytes_received - before_in, connection.bytes_sent - before_out) == (2, 2)
+    assert connection.data_to_send() == b"" and drain(connection) == []
+    # Anything else, or a PINGREQ behind buffered bytes, goes the usual way, in order.
+    assert connection.answer_lone_ping(PINGREQ + PINGREQ) is None
+    assert connection.answer_lone_ping(b"\xc1\x00") is None  # bad flags: receive_data closes on it
+    connection.receive_data(b"\xc0")  # half a PINGREQ buffered
+    assert connection.answer_lone_ping(PINGREQ) is None
