@@ -182,6 +182,22 @@ class MqttConnection:
         counters.packets_out[codec.PINGRESP] += 1
         return codec.PINGRESP_BYTES
 
+    def lone_puback(self, data: bytes) -> int | None:
+        """The packet id, when `data` is exactly one valid PUBACK and nothing else is buffered
+        or held: what a QoS 1 subscriber sends for each event, counted as receive_data and
+        next_event would count it (the caller handles it as a PubackReceived). None otherwise:
+        then feed `data` to receive_data as usual."""
+        if (len(data) != 4 or data[0] != 0x40 or data[1] != 2 or self._buffer or self.held
+                or self.phase is not Phase.CONNECTED or self._pending_close is not None):
+            return None
+        packet_id = (data[2] << 8) | data[3]
+        if not packet_id:
+            return None  # a protocol violation: receive_data closes on it
+        self.bytes_received += 4
+        self._counters.bytes_in += 4
+        self._counters.packets_in[codec.PUBACK] += 1
+        return packet_id
+
     def receive_data(self, data: bytes) -> None:
         """Buffer bytes from the network; `next_event` parses them."""
         if self.phase is Phase.CLOSED:

@@ -124,12 +124,18 @@ class MqttLink:
     # ----------------------------------------------------------- transport side
 
     def data_received(self, data: bytes) -> None:
-        pong = self._connection.answer_lone_ping(data)
+        connection = self._connection
+        pong = connection.answer_lone_ping(data)
         if pong is not None:  # an idle client's keepalive: the most frequent packet there is
             self._touched()
             self._write(pong)
             return
-        self._connection.receive_data(data)
+        packet_id = connection.lone_puback(data)
+        if packet_id is not None:  # one per QoS 1 event delivered
+            self._touched()
+            self._acknowledged(packet_id)
+            return
+        connection.receive_data(data)
         self._process()
 
     def _process(self) -> None:
@@ -202,15 +208,19 @@ class MqttLink:
             self._host.table.touch(endpoint, self)
             self._host.plugin.service.feeds.touch(self)
 
+    def _acknowledged(self, packet_id: int) -> None:
+        endpoint = self.endpoint
+        assert endpoint is not None  # a PUBACK is an event only once connected
+        if not self._host.plugin.service.feeds.acknowledge(self, packet_id):
+            self._host.table.acknowledge(endpoint, self, packet_id)
+
     def _handle(self, event: Event) -> None:
         self._touched()
         endpoint = self.endpoint
         if event is PING_RECEIVED:
             return  # answered by the connection; a keepalive, counted above
         if isinstance(event, PubackReceived):
-            assert endpoint is not None
-            if not self._host.plugin.service.feeds.acknowledge(self, event.packet_id):
-                self._host.table.acknowledge(endpoint, self, event.packet_id)
+            self._acknowledged(event.packet_id)
         elif isinstance(event, SubscribeRequest):
             assert endpoint is not None
             self._on_subscribe(event, endpoint)

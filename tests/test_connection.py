@@ -761,3 +761,21 @@ def test_a_lone_pingreq_is_answered_at_once_and_counted_like_any_other() -> None
     assert connection.answer_lone_ping(b"\xc1\x00") is None  # bad flags: receive_data closes on it
     connection.receive_data(b"\xc0")  # half a PINGREQ buffered
     assert connection.answer_lone_ping(PINGREQ) is None
+
+
+def test_a_lone_puback_gives_its_packet_id_and_is_counted_like_any_other() -> None:
+    counters = MqttCounters()
+    connection = MqttConnection(LIMITS, START, counters)
+    assert connection.lone_puback(puback(7)) is None  # no CONNECT yet: through receive_data
+    connection.receive_data(connect_packet())
+    drain(connection)
+    connection.accept(False, None)
+    connection.data_to_send()
+
+    assert connection.lone_puback(puback(7)) == 7
+    assert counters.packets_in[codec.PUBACK] == 1 and drain(connection) == []
+    assert connection.lone_puback(puback(0)) is None  # packet id 0: receive_data closes on it
+    assert connection.lone_puback(puback(1) + puback(2)) is None  # more than one: the usual way
+    assert connection.lone_puback(b"\x40\x03\x00\x01\x00") is None
+    connection.receive_data(b"\x40")  # a PUBACK's first byte buffered
+    assert connection.lone_puback(puback(3)) is None
