@@ -153,7 +153,7 @@ def guarded_protocol(*, request_timeout_seconds: float, max_connections: int) ->
                 return
             if open_connections > max_connections:
                 self._over_capacity = True
-                self.app = _health_only(self.app)
+                self.app = health_only(self.app)
                 self._arm(min(OVERFLOW_DEADLINE_SECONDS, request_timeout_seconds))
             else:
                 self._arm(request_timeout_seconds)
@@ -164,11 +164,6 @@ def guarded_protocol(*, request_timeout_seconds: float, max_connections: int) ->
                 self._timer.cancel()
                 self._timer = None
             super().connection_lost(exc)
-
-        def on_headers_complete(self) -> None:
-            super().on_headers_complete()
-            if self._over_capacity and self.cycle is not None:
-                self.cycle.keep_alive = False  # one request, then the descriptor is free again
 
         def on_message_complete(self) -> None:
             super().on_message_complete()
@@ -219,12 +214,19 @@ def guarded_protocol(*, request_timeout_seconds: float, max_connections: int) ->
     return GuardedHttpProtocol
 
 
-def _health_only(app: Any) -> Any:
+def health_only(app: Any) -> Any:
     """An over-cap connection may ask for /healthz; anything else gets a 503."""
 
-    async def health_only(scope: Any, receive: Any, send: Any) -> None:
+    async def serve(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"] == HEALTH_PATH:
-            await app(scope, receive, send)
+            async def send_then_close(message: Any) -> None:
+                if message["type"] == "http.response.start":
+                    # One request, then the descriptor is free again: uvicorn closes after an
+                    # answer that says so (set here, so that no other request pays for a check).
+                    message["headers"] = [*message.get("headers", ()), (b"connection", b"close")]
+                await send(message)
+
+            await app(scope, receive, send_then_close)
             return
         await send({"type": "http.response.start", "status": 503, "headers": [
             (b"content-type", PROBLEM_JSON.encode()), (b"content-length", str(len(_OVER_CAPACITY)).encode()),
@@ -232,7 +234,7 @@ def _health_only(app: Any) -> Any:
         ]})
         await send({"type": "http.response.body", "body": _OVER_CAPACITY})
 
-    return health_only
+    return serve
 
 
 def _write_over_capacity(transport: asyncio.Transport) -> None:

@@ -16,6 +16,7 @@ from http_bridge.connections import (
     MIN_FD_RESERVE,
     CoalescedWrites,
     EndOfIteration,
+    health_only,
     max_connections_for,
 )
 from tests.support import RawMqtt, ServiceProcess, event, paho_client, token, wait_until
@@ -187,3 +188,21 @@ async def test_one_end_of_iteration_flushes_every_connection_written_in_it() -> 
     a.write(b"a3")  # a later iteration is flushed by a later callback
     await asyncio.sleep(0)
     assert first.writes == [b"a1a2", b"a3"]
+
+
+async def test_an_over_cap_connection_gets_one_answer_that_closes_it() -> None:
+    """Its /healthz answer, and the 503 to anything else, both say `connection: close`, which
+    makes uvicorn close the connection after it: one request per over-cap descriptor."""
+    async def app(scope: object, receive: object, send: Callable[..., object]) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    for path, status in (("/healthz", 200), ("/rtc-api/users/endpoints", 503)):
+        sent: list[dict[str, object]] = []
+
+        async def send(message: dict[str, object], sent: list[dict[str, object]] = sent) -> None:
+            sent.append(message)
+
+        await health_only(app)({"type": "http", "path": path}, None, send)
+        assert sent[0]["status"] == status
+        assert (b"connection", b"close") in sent[0]["headers"]  # type: ignore[operator]
