@@ -142,6 +142,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     workdir = BENCH / ".work" / f"ab-{stamp}"
     workdir.mkdir(parents=True)
+    for old in sorted(p for p in workdir.parent.glob("ab-*") if p.is_dir())[:-3]:
+        shutil.rmtree(old, ignore_errors=True)  # both services log every event: keep the 3 newest
     today_dir = workdir / "today"
     digest = snapshot_ours(procs.REPO, today_dir)
     secret = secrets.token_urlsafe(32)

@@ -56,11 +56,11 @@ CLOSE_GRACE_SECONDS = 5.0
 
 
 class Transport(Protocol):
-    """Where a link's bytes go: a TCP transport or a WebSocket."""
+    """Where a link's bytes go: an asyncio transport (TCP, TLS) or a WebSocket, with asyncio's names."""
 
     def write(self, data: bytes) -> None: ...
 
-    def buffered(self) -> int:
+    def get_write_buffer_size(self) -> int:
         """Bytes written but not yet handed to the network."""
         ...
 
@@ -389,7 +389,7 @@ class MqttLink:
     def _write(self, data: bytes) -> None:
         self._transport.write(data)
         # Every byte counts, PINGRESPs included: a client that sends but never reads is cut off.
-        if self._transport.buffered() > self._host.limits.max_buffered_bytes:
+        if self._transport.get_write_buffer_size() > self._host.limits.max_buffered_bytes:
             log.warning("closing %s: it does not read (over %d bytes unsent)",
                         self._name(), self._host.limits.max_buffered_bytes)
             self.close(DisconnectReason.SLOW_READER)

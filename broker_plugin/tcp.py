@@ -1,4 +1,8 @@
-"""MQTT over TCP (or TLS): an asyncio Protocol that feeds one MqttLink and is its Transport."""
+"""MQTT over TCP (or TLS): an asyncio Protocol that feeds one MqttLink.
+
+The link writes to the asyncio transport itself (it has the Transport methods the link needs):
+no Python frame between a PUBLISH and its `send`.
+"""
 
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ class TcpMqttProtocol(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         name = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        self._link = self._broker.open_link(self, name, self._transport_name)
+        self._link = self._broker.open_link(self._transport, name, self._transport_name)
         if self._link is None:
             self._transport.abort()  # over mqtt_max_pending_connects
 
@@ -35,20 +39,3 @@ class TcpMqttProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._link is not None:
             self._link.connection_lost()
-
-    # Transport
-    def write(self, data: bytes) -> None:
-        assert self._transport is not None
-        self._transport.write(data)
-
-    def buffered(self) -> int:
-        assert self._transport is not None
-        return self._transport.get_write_buffer_size()
-
-    def close(self) -> None:
-        assert self._transport is not None
-        self._transport.close()
-
-    def abort(self) -> None:
-        assert self._transport is not None
-        self._transport.abort()

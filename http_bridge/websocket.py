@@ -62,7 +62,7 @@ class WebSocketTransport:
             self._pending += data
             self._kick()
 
-    def buffered(self) -> int:
+    def get_write_buffer_size(self) -> int:
         unsent = len(self._pending)
         if self._socket is not None:
             unsent += self._socket.get_write_buffer_size()
