@@ -90,9 +90,12 @@ class EndpointService:
 
     async def committed(self) -> None:
         """Wait until every change made so far is on disk; 503 (Unavailable) if it cannot be."""
-        if self.store is None:
-            return
-        future = self.store.committed()
+        if self.store is not None:
+            await self._stored(self.store.committed())
+
+    @staticmethod
+    async def _stored(future: asyncio.Future[None]) -> None:
+        """Wait for one of the store's commit futures; 503 (Unavailable) if it failed."""
         try:
             await future if not future.done() else future.result()
         except StoreUnavailable as exc:
@@ -211,8 +214,10 @@ class EndpointService:
         """
         if idempotency_key is None:
             count, journalled = self._send_event(principal, body)
-            if journalled:
-                await self.committed()
+            if journalled and self.store is not None:
+                future = self.store.committed()
+                if not future.done() or future.cancelled() or future.exception() is not None:
+                    await self._stored(future)  # else already on disk (the memory store: always)
             return count
         keys, scope = self.idempotency, principal.scope
         prior = keys.begin(scope, idempotency_key, body_digest(body))
