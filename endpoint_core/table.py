@@ -166,12 +166,18 @@ class DeliveryReport:
 
 
 class Journal(Protocol):
-    """Where the table records changes (endpoint_core.journal.Store.append)."""
+    """Where the table records changes (endpoint_core.journal.Store.append).
+
+    A journal whose `discards_changes` is true (the memory store) keeps nothing, so the table
+    does not make the records of QoS 1 events for it: one to put and one to delete per event.
+    """
 
     def append(self, changes: Sequence[Change]) -> None: ...
 
 
 class _NoJournal:
+    discards_changes = True
+
     def append(self, changes: Sequence[Change]) -> None:
         pass
 
@@ -182,6 +188,7 @@ class EndpointTable:
         self.policy = policy or TablePolicy()
         self._clock = clock
         self._journal: Journal = journal or _NoJournal()
+        self._journals_events = not getattr(self._journal, "discards_changes", False)
         # Changes held back by journal_batch(), to reach the store in one append (so in one commit).
         self._batch: list[Change] | None = None
         self._journal_batch = JournalBatch(self)
@@ -428,7 +435,8 @@ class EndpointTable:
                 self.stats.events_acknowledged += 1
                 if done.sent_at is not None:
                     self.stats.ack_seconds.observe(self._clock() - done.sent_at)
-                self.record((DeleteEvent(endpoint.id, done.seq),))
+                if self._journals_events:
+                    self.record((DeleteEvent(endpoint.id, done.seq),))
 
     # -------------------------------------------------------------- delivery
 
@@ -436,8 +444,8 @@ class EndpointTable:
         """Send one event to each target. QoS 1 goes through the endpoint's bounded outbox."""
         report = DeliveryReport()
         now = self._clock()
-        if qos == 0:
-            self._deliver(targets, payload, qos, report, now)  # QoS 0 journals nothing
+        if qos == 0 or not self._journals_events:
+            self._deliver(targets, payload, qos, report, now)  # nothing to journal
             return report
         with self.journal_batch():  # one append for the whole fan-out
             self._deliver(targets, payload, qos, report, now)
@@ -456,7 +464,8 @@ class EndpointTable:
                     self.stats.dropped_queue_full += 1
                     report.full.append(endpoint.id)
                     continue
-                self.record((PutEvent(StoredEvent(endpoint.id, seq, payload)),))
+                if self._journals_events:
+                    self.record((PutEvent(StoredEvent(endpoint.id, seq, payload)),))
                 report.delivered += 1
                 self._flush(endpoint, now)
             elif self._publish_once(endpoint, payload):
@@ -486,7 +495,7 @@ class EndpointTable:
         while (event := outbox.next_unsent()) is not None:
             if not self._send(link, outbox, event, endpoint.subscriptions, self.stats):
                 break
-            if outbox.mark_sent(event, now):  # done at once if no subscription awaits a PUBACK
+            if outbox.mark_sent(event, now) and self._journals_events:  # done: no PUBACK awaited
                 self.record((DeleteEvent(endpoint.id, event.seq),))
             sent_any = True
         if sent_any:

@@ -11,6 +11,9 @@ from endpoint_core.journal import Change, Snapshot, StoreStats
 class MemoryStore:
     """A Store that keeps nothing: for tests, and for deployments that accept losing state on restart."""
 
+    # The table then makes no records of QoS 1 events for it (endpoint_core.table.Journal).
+    discards_changes = True
+
     def __init__(self) -> None:
         self._stats = StoreStats()
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -105,6 +105,26 @@ def test_a_qos0_only_subscription_completes_the_event_and_journals_its_removal(c
     assert isinstance(put, PutEvent) and delete == DeleteEvent("e1", put.event.seq)
 
 
+@dataclass
+class DiscardingJournal(RecordingJournal):
+    """A journal that says it keeps nothing, as the memory store does."""
+
+    discards_changes: bool = True
+
+
+def test_a_journal_that_discards_changes_gets_no_event_records_but_still_endpoint_ones(clock: Clock) -> None:
+    journal = DiscardingJournal()
+    table = EndpointTable(TablePolicy(), clock, journal)
+    endpoint, _ = table.connect("u", "o", "e1", 10, link := FakeLink(), False)
+    table.subscribe(endpoint, link, "users/endpoints/e1", 1)
+    assert any(isinstance(c, PutEndpoint) for c in journal.take())
+    assert table.deliver([endpoint], b"{}", 1).delivered == 1
+    table.acknowledge(endpoint, link, link.sent[0][3])  # type: ignore[arg-type]
+    assert journal.take() == []  # neither the event's put nor its delete was made
+    assert table.deliver([endpoint], b"{}", 1).delivered == 1  # delivery itself is unchanged
+    assert len(link.sent) == 2
+
+
 def test_restore_brings_endpoints_back_unknown_with_their_version_up_and_events_in_order(clock: Clock) -> None:
     journal = RecordingJournal()
     before = EndpointTable(TablePolicy(), clock, journal)
