@@ -23,7 +23,7 @@ from endpoint_core.endpoint import DisconnectReason, EndpointLink, EndpointState
 from endpoint_core.journal import EndpointRecord, PutEndpoint
 from endpoint_core.lifecycle import LifecycleType
 from endpoint_core.outbox import Outbox
-from endpoint_core.table import EndpointTable, Journal, TablePolicy
+from endpoint_core.table import EndpointTable, TablePolicy
 
 
 class ClusterTable(EndpointTable):
@@ -40,10 +40,6 @@ class ClusterTable(EndpointTable):
         self.on_keepalive: Callable[[UserEndpoint], None] | None = None
         # Called when a held copy's link detached: (endpoint, epoch, reason).
         self.on_detach: Callable[[UserEndpoint, int, DisconnectReason], None] | None = None
-
-    def journal_to(self, journal: Journal) -> None:
-        """The node's store (cluster.node), made after the table it writes for."""
-        self._journal = journal
 
     # ------------------------------------------------------------ copies
 

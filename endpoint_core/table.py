@@ -187,8 +187,9 @@ class EndpointTable:
                  journal: Journal | None = None) -> None:
         self.policy = policy or TablePolicy()
         self._clock = clock
-        self._journal: Journal = journal or _NoJournal()
-        self._journals_events = not getattr(self._journal, "discards_changes", False)
+        self._journal: Journal = _NoJournal()
+        self._journals_events = False
+        self.journal_to(journal or _NoJournal())
         # Changes held back by journal_batch(), to reach the store in one append (so in one commit).
         self._batch: list[Change] | None = None
         self._journal_batch = JournalBatch(self)
@@ -724,6 +725,12 @@ class EndpointTable:
                 log.exception("lifecycle observer failed on %s of %s", kind, endpoint.id)
 
     # --------------------------------------------------------------- journal
+
+    def journal_to(self, journal: Journal) -> None:
+        """Where changes go from now on. The one place that decides whether QoS 1 events are
+        journalled: not for a journal that discards changes (Journal)."""
+        self._journal = journal
+        self._journals_events = not getattr(journal, "discards_changes", False)
 
     def record(self, changes: Sequence[Change]) -> None:
         """Journal changes (the table's own, or one an operation adds to its batch, like an idempotency key)."""

@@ -125,6 +125,17 @@ def test_a_journal_that_discards_changes_gets_no_event_records_but_still_endpoin
     assert len(link.sent) == 2
 
 
+def test_a_journal_given_after_the_table_is_made_gets_event_records(clock: Clock) -> None:
+    """A cluster node's store is made after its table (journal_to): its events must be journalled."""
+    journal = RecordingJournal()
+    table = EndpointTable(TablePolicy(), clock)
+    table.journal_to(journal)
+    endpoint, _ = table.register("u", "o", "e1", 10, False)
+    journal.take()
+    table.deliver([endpoint], b"{}", 1)
+    assert [type(change) for change in journal.take()] == [PutEvent]
+
+
 def test_restore_brings_endpoints_back_unknown_with_their_version_up_and_events_in_order(clock: Clock) -> None:
     journal = RecordingJournal()
     before = EndpointTable(TablePolicy(), clock, journal)
