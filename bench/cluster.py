@@ -54,8 +54,9 @@ import psutil
 
 from bench import httplite, machine, plan, procs, tokens
 from bench.cpu import CpuReport, CpuWindow
+from bench.report import fmt as fmt_number
 from bench.systems import START_TIMEOUT_S, snapshot_ours
-from bench.worker import SEND_PATH, percentile, short_error
+from bench.worker import percentile, post_send_event, send_event_body, short_error
 
 BENCH = Path(__file__).resolve().parent
 SYSTEMS = ("sqlite", "cluster-1", "cluster-2")
@@ -117,19 +118,13 @@ async def http_load(cmd: dict[str, Any]) -> dict[str, Any]:
             endpoint = endpoints[rng.randrange(len(endpoints))]
             totals["sent"] += 1
             sent_ns = time.time_ns()
-            # "bp" and "bt" side by side: bench.worker finds them in the delivered payload.
-            event = {"type": "CallCreatedEvent", "timestamp": "2011-12-03T10:15:30Z", "aggregate": "call",
-                     "callId": f"call-{totals['sent']}", "userId": endpoint.user_id, "bp": phase, "bt": sent_ns}
-            body = json.dumps({"userId": endpoint.user_id, "userEndpointId": endpoint.endpoint_id,
-                               "organizationId": plan.ORGANIZATION, "qos": qos, "event": event}).encode()
-            try:
-                status, answer = await connection.request(
-                    httplite.post_request(host, port, SEND_PATH, token, body), timeout)
-            except (OSError, TimeoutError, httplite.HttpError) as exc:
-                errors[short_error(exc)] += 1
+            body = send_event_body(endpoint.user_id, qos, phase, totals["sent"], sent_ns,
+                                   endpoint_id=endpoint.endpoint_id, organization_id=plan.ORGANIZATION)
+            answered = await post_send_event(connection, host, port, token, body, timeout, sent_ns,
+                                             errors, http_ms, statuses)
+            if answered is None:
                 return  # this connection is unusable now
-            http_ms.append((time.time_ns() - sent_ns) / 1e6)
-            statuses[status] += 1
+            status, answer = answered
             if status == 200:
                 ok_by_target[index % len(targets)] += 1
                 count = int(answer) if answer.strip().isdigit() else 0
@@ -515,13 +510,7 @@ def spread(values: list[float]) -> tuple[float, float, float] | None:
 
 
 def fmt(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if abs(value) >= 100:
-        return f"{value:,.0f}"
-    if abs(value) >= 10:
-        return f"{value:.1f}"
-    return f"{value:.2f}"
+    return "-" if value is None else fmt_number(value)
 
 
 def fmt_spread(found: tuple[float, float, float] | None) -> str:

@@ -59,6 +59,36 @@ def short_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:80]}"
 
 
+def send_event_body(user_id: str, qos: int, phase: int, call: int, sent_ns: int, *,
+                    endpoint_id: str | None = None, organization_id: str | None = None) -> bytes:
+    """A sendEvent body whose event carries the markers on_message finds: "bp" (the phase) and
+    "bt" (the send time in ns), side by side."""
+    event = {"type": "CallCreatedEvent", "timestamp": "2011-12-03T10:15:30Z", "aggregate": "call",
+             "callId": f"call-{call}", "userId": user_id, "bp": phase, "bt": sent_ns}
+    command: dict[str, Any] = {"userId": user_id, "qos": qos, "event": event}
+    if endpoint_id is not None:
+        command["userEndpointId"] = endpoint_id
+    if organization_id is not None:
+        command["organizationId"] = organization_id
+    return json.dumps(command).encode()
+
+
+async def post_send_event(connection: httplite.HttpConnection, host: str, port: int, token: str, body: bytes,
+                          timeout_s: float, sent_ns: int, errors: Counter[str], http_ms: list[float],
+                          statuses: Counter[int]) -> tuple[int, bytes] | None:
+    """POST one sendEvent, counting its status and HTTP time; None if the connection failed
+    (counted in `errors`: the connection is unusable then)."""
+    try:
+        status, answer = await connection.request(httplite.post_request(host, port, SEND_PATH, token, body),
+                                                  timeout_s)
+    except (OSError, TimeoutError, httplite.HttpError) as exc:
+        errors[short_error(exc)] += 1
+        return None
+    http_ms.append((time.time_ns() - sent_ns) / 1e6)
+    statuses[status] += 1
+    return status, answer
+
+
 class Worker:
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -237,20 +267,12 @@ class Worker:
                     user_id, endpoint_id, expected = user.user_id, None, user.endpoints
                 totals["sent"] += 1
                 sent_ns = time.time_ns()
-                event = {"type": "CallCreatedEvent", "timestamp": "2011-12-03T10:15:30Z", "aggregate": "call",
-                         "callId": f"call-{totals['sent']}", "userId": user_id, "bp": phase, "bt": sent_ns}
-                command: dict[str, Any] = {"userId": user_id, "qos": qos, "event": event}
-                if endpoint_id is not None:
-                    command["userEndpointId"] = endpoint_id
-                body = json.dumps(command).encode()
-                try:
-                    status, answer = await connection.request(
-                        httplite.post_request(host, port, SEND_PATH, token, body), timeout)
-                except (OSError, TimeoutError, httplite.HttpError) as exc:
-                    errors[short_error(exc)] += 1
+                body = send_event_body(user_id, qos, phase, totals["sent"], sent_ns, endpoint_id=endpoint_id)
+                answered = await post_send_event(connection, host, port, token, body, timeout, sent_ns,
+                                                 errors, http_ms, statuses)
+                if answered is None:
                     return  # this connection is unusable now
-                http_ms.append((time.time_ns() - sent_ns) / 1e6)
-                statuses[status] += 1
+                status, answer = answered
                 if status == 200:
                     totals["planned"] += expected
                     totals["answered"] += int(answer) if answer.strip().isdigit() else 0
