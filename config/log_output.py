@@ -44,10 +44,8 @@ class TextFormatter(logging.Formatter):
     usesTime() per record) cost a fifth of that line.
     """
 
-    def __init__(self, fmt: str = FORMAT) -> None:
-        if fmt != FORMAT:
-            raise ValueError(f"TextFormatter writes {FORMAT!r} only")
-        super().__init__(fmt)
+    def __init__(self) -> None:
+        super().__init__(FORMAT)
         # (second, its text) in one attribute: records are formatted on more than one thread.
         self._second_text = (-1, "")
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from config import log_output
-from config.log_output import FORMAT, BufferedStderrHandler, JsonFormatter, TextFormatter
+from config.log_output import BufferedStderrHandler, JsonFormatter, TextFormatter
 from observability.context import request_id
 from observability.requests import request_id_of
 from tests.support import SECRET, RawMqtt, event, token, wait_until
@@ -40,7 +40,7 @@ def test_json_lines_carry_the_fields_and_the_request_id() -> None:
 
 
 def test_text_lines_name_the_request_id_inside_a_request() -> None:
-    formatter = TextFormatter(FORMAT)
+    formatter = TextFormatter()
     reset = request_id.set("rid-2")
     try:
         assert formatter.format(record("hello")).endswith(" INFO endpoint_broker.test [rid-2]: hello")

@@ -297,48 +297,50 @@ def plain(**overrides: Any) -> str:
     return forged(b'{"alg":"HS256","typ":"JWT"}', json.dumps(claims(**overrides)).encode())
 
 
-NOW = int(time.time())
-# Every way the fast path could disagree with PyJWT: time claims at and around their bounds and of
-# every JSON type, optional claims of the wrong type, other headers, broken segments.
-EDGE_TOKENS = {
-    "valid": plain(),
-    "float exp": plain(exp=NOW + 600.5),
-    "expired": plain(exp=NOW - 600),
-    "expired within the leeway": plain(exp=NOW - 2),
-    "expired just past the leeway": plain(exp=NOW - 6),
-    "exp as a string": plain(exp=str(NOW + 600)),
-    "exp as a bool": plain(exp=True),
-    "exp huge": plain(exp=10**30),
-    "exp negative huge": plain(exp=-(10**30)),
-    "exp missing": forged(b'{"alg":"HS256"}', b'{"userId":"alice","organization_id":"acme"}'),
-    "exp null": forged(b'{"alg":"HS256"}', b'{"userId":"alice","exp":null}'),
-    "exp NaN": forged(b'{"alg":"HS256"}', b'{"userId":"alice","exp":NaN}'),
-    "nbf future": plain(nbf=NOW + 600),
-    "nbf within the leeway": plain(nbf=NOW + 2),
-    "nbf as a string": plain(nbf="soon"),
-    "iat future": plain(iat=NOW + 600),
-    "iat as a string": plain(iat="abc"),
-    "iat as a numeric string": plain(iat=str(NOW)),
-    "sub not a string": plain(sub=123),
-    "jti not a string": plain(jti=5),
-    "aud with no audience configured": plain(aud="someone"),
-    "header with kid": forged(b'{"alg":"HS256","kid":"k1"}', json.dumps(claims()).encode()),
-    "header with crit": forged(b'{"alg":"HS256","crit":["b64"],"b64":false}', json.dumps(claims()).encode()),
-    "typ not a string": forged(b'{"alg":"HS256","typ":1}', json.dumps(claims()).encode()),
-    "alg none": b64url(b'{"alg":"none"}') + "." + b64url(json.dumps(claims()).encode()) + ".",
-    "alg HS384": jwt.encode(claims(), SECRET * 2, algorithm="HS384"),  # a key long enough for HS384
-    "header not JSON": forged(b"{alg", json.dumps(claims()).encode()),
-    "header an array": forged(b'["HS256"]', json.dumps(claims()).encode()),
-    "payload not JSON": forged(b'{"alg":"HS256"}', b"{exp"),
-    "payload an array": forged(b'{"alg":"HS256"}', b"[1,2]"),
-    "wrong key": plain().rsplit(".", 1)[0] + "." + b64url(b"x" * 32),
-    "another secret": forged(b'{"alg":"HS256"}', json.dumps(claims()).encode(), secret="z" * 40),
-    "two segments": ".".join(plain().split(".")[:2]),
-    "four segments": plain() + ".x",
-    "not ASCII": plain()[:-2] + "\u00e9\u00e9",
-    "characters outside base64": plain()[:-1] + "$" + plain()[-1],
-    "no userId": forged(b'{"alg":"HS256"}', json.dumps({"exp": NOW + 600}).encode()),
-}
+def edge_tokens() -> dict[str, str]:
+    """Every way the fast path could disagree with PyJWT: time claims at and around their bounds
+    and of every JSON type, optional claims of the wrong type, other headers, broken segments.
+    Made when a test runs, so that "within the leeway" still is."""
+    now = int(time.time())
+    return {
+        "valid": plain(),
+        "float exp": plain(exp=now + 600.5),
+        "expired": plain(exp=now - 600),
+        "expired within the leeway": plain(exp=now - 2),
+        "expired just past the leeway": plain(exp=now - 6),
+        "exp as a string": plain(exp=str(now + 600)),
+        "exp as a bool": plain(exp=True),
+        "exp huge": plain(exp=10**30),
+        "exp negative huge": plain(exp=-(10**30)),
+        "exp missing": forged(b'{"alg":"HS256"}', b'{"userId":"alice","organization_id":"acme"}'),
+        "exp null": forged(b'{"alg":"HS256"}', b'{"userId":"alice","exp":null}'),
+        "exp NaN": forged(b'{"alg":"HS256"}', b'{"userId":"alice","exp":NaN}'),
+        "nbf future": plain(nbf=now + 600),
+        "nbf within the leeway": plain(nbf=now + 2),
+        "nbf as a string": plain(nbf="soon"),
+        "iat future": plain(iat=now + 600),
+        "iat as a string": plain(iat="abc"),
+        "iat as a numeric string": plain(iat=str(now)),
+        "sub not a string": plain(sub=123),
+        "jti not a string": plain(jti=5),
+        "aud with no audience configured": plain(aud="someone"),
+        "header with kid": forged(b'{"alg":"HS256","kid":"k1"}', json.dumps(claims()).encode()),
+        "header with crit": forged(b'{"alg":"HS256","crit":["b64"],"b64":false}', json.dumps(claims()).encode()),
+        "typ not a string": forged(b'{"alg":"HS256","typ":1}', json.dumps(claims()).encode()),
+        "alg none": b64url(b'{"alg":"none"}') + "." + b64url(json.dumps(claims()).encode()) + ".",
+        "alg HS384": jwt.encode(claims(), SECRET * 2, algorithm="HS384"),  # a key long enough for HS384
+        "header not JSON": forged(b"{alg", json.dumps(claims()).encode()),
+        "header an array": forged(b'["HS256"]', json.dumps(claims()).encode()),
+        "payload not JSON": forged(b'{"alg":"HS256"}', b"{exp"),
+        "payload an array": forged(b'{"alg":"HS256"}', b"[1,2]"),
+        "wrong key": plain().rsplit(".", 1)[0] + "." + b64url(b"x" * 32),
+        "another secret": forged(b'{"alg":"HS256"}', json.dumps(claims()).encode(), secret="z" * 40),
+        "two segments": ".".join(plain().split(".")[:2]),
+        "four segments": plain() + ".x",
+        "not ASCII": plain()[:-2] + "\u00e9\u00e9",
+        "characters outside base64": plain()[:-1] + "$" + plain()[-1],
+        "no userId": forged(b'{"alg":"HS256"}', json.dumps({"exp": now + 600}).encode()),
+    }
 
 
 def outcome(verifier: JwtVerifier, token: str) -> tuple[Any, ...]:
@@ -349,11 +351,12 @@ def outcome(verifier: JwtVerifier, token: str) -> tuple[Any, ...]:
     return ("accepted", principal)
 
 
-@pytest.mark.parametrize("name", EDGE_TOKENS)
+@pytest.mark.parametrize("name", list(edge_tokens()))
 def test_the_hs256_fast_path_decides_as_pyjwt_does(name: str) -> None:
     fast, pyjwt_only = JwtVerifier(secret=SECRET, leeway_seconds=5), JwtVerifier(secret=SECRET, leeway_seconds=5)
     pyjwt_only._fast_hs256_key = None
-    assert outcome(fast, EDGE_TOKENS[name]) == outcome(pyjwt_only, EDGE_TOKENS[name])
+    token = edge_tokens()[name]
+    assert outcome(fast, token) == outcome(pyjwt_only, token)
 
 
 def test_a_plain_hs256_token_is_verified_without_pyjwt(verifier: JwtVerifier,
@@ -363,7 +366,7 @@ def test_a_plain_hs256_token_is_verified_without_pyjwt(verifier: JwtVerifier,
 
     monkeypatch.setattr(verifier._decoder, "decode", no_pyjwt)
     assert verifier.verify(hs256()).user_id == "alice"  # PyJWT's own encoding, header and all
-    assert verifier.verify(EDGE_TOKENS["float exp"]).user_id == "alice"
+    assert verifier.verify(edge_tokens()["float exp"]).user_id == "alice"
 
 
 def test_with_an_issuer_or_audience_every_token_goes_to_pyjwt() -> None:
