@@ -56,7 +56,7 @@ from bench import httplite, machine, plan, procs, tokens
 from bench.cpu import CpuReport, CpuWindow
 from bench.report import fmt as fmt_number
 from bench.systems import START_TIMEOUT_S, snapshot_ours
-from bench.worker import percentile, post_send_event, send_event_body, short_error
+from bench.worker import HttpTally, percentile, post_send_event, short_error
 
 BENCH = Path(__file__).resolve().parent
 SYSTEMS = ("sqlite", "cluster-1", "cluster-2")
@@ -101,11 +101,9 @@ async def http_load(cmd: dict[str, Any]) -> dict[str, Any]:
     token = tokens.mint(cmd["secret"], SERVICE_CLIENT, roles=("SERVICE",))
     targets: list[tuple[str, int]] = [(host, port) for host, port in cmd["targets"]]
     qos, phase, timeout = cmd["qos"], cmd["phase"], cmd["request_timeout_s"]
-    statuses: Counter[int] = Counter()
-    errors: Counter[str] = Counter()
+    tally = HttpTally()
     bodies: Counter[str] = Counter()  # the first bytes of non-200 answers, to say what went wrong
     ok_by_target = [0] * len(targets)
-    http_ms: list[float] = []
     totals = {"sent": 0, "answered": 0, "zero": 0}
     connections = [await httplite.open_connection(*targets[i % len(targets)], timeout)
                    for i in range(cmd["concurrency"])]
@@ -117,11 +115,9 @@ async def http_load(cmd: dict[str, Any]) -> dict[str, Any]:
         while loop.time() < deadline and totals["sent"] < cmd["max_requests"]:
             endpoint = endpoints[rng.randrange(len(endpoints))]
             totals["sent"] += 1
-            sent_ns = time.time_ns()
-            body = send_event_body(endpoint.user_id, qos, phase, totals["sent"], sent_ns,
-                                   endpoint_id=endpoint.endpoint_id, organization_id=plan.ORGANIZATION)
-            answered = await post_send_event(connection, host, port, token, body, timeout, sent_ns,
-                                             errors, http_ms, statuses)
+            answered = await post_send_event(connection, host, port, token, timeout, tally, endpoint.user_id, qos,
+                                             phase, totals["sent"], endpoint_id=endpoint.endpoint_id,
+                                             organization_id=plan.ORGANIZATION)
             if answered is None:
                 return  # this connection is unusable now
             status, answer = answered
@@ -138,10 +134,10 @@ async def http_load(cmd: dict[str, Any]) -> dict[str, Any]:
     ended = time.time()
     for connection in connections:
         connection.close()
-    http_ms.sort()
+    statuses, http_ms = tally.statuses, sorted(tally.http_ms)
     return {
         "requests": totals["sent"], "ok_requests": statuses.get(200, 0),
-        "statuses": {str(k): v for k, v in statuses.items()}, "errors": dict(errors.most_common(5)),
+        "statuses": {str(k): v for k, v in statuses.items()}, "errors": dict(tally.errors.most_common(5)),
         "refusals": dict(bodies.most_common(3)), "answered": totals["answered"], "answered_zero": totals["zero"],
         "ok_by_node": ok_by_target, "t_start": started, "t_end": ended,
         "http_p50_ms": percentile(http_ms, 0.5), "http_p99_ms": percentile(http_ms, 0.99),

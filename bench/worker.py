@@ -73,19 +73,32 @@ def send_event_body(user_id: str, qos: int, phase: int, call: int, sent_ns: int,
     return json.dumps(command).encode()
 
 
-async def post_send_event(connection: httplite.HttpConnection, host: str, port: int, token: str, body: bytes,
-                          timeout_s: float, sent_ns: int, errors: Counter[str], http_ms: list[float],
-                          statuses: Counter[int]) -> tuple[int, bytes] | None:
-    """POST one sendEvent, counting its status and HTTP time; None if the connection failed
-    (counted in `errors`: the connection is unusable then)."""
+@dataclass
+class HttpTally:
+    """What a closed-loop HTTP load counts, across its connections."""
+
+    errors: Counter[str] = field(default_factory=Counter)
+    statuses: Counter[int] = field(default_factory=Counter)
+    http_ms: list[float] = field(default_factory=list)
+
+
+async def post_send_event(connection: httplite.HttpConnection, host: str, port: int, token: str, timeout_s: float,
+                          tally: HttpTally, user_id: str, qos: int, phase: int, call: int, *,
+                          endpoint_id: str | None = None,
+                          organization_id: str | None = None) -> tuple[int, bytes] | None:
+    """POST one marked sendEvent, counting its status and HTTP time in `tally`; None if the
+    connection failed (counted as an error: the connection is unusable then)."""
+    sent_ns = time.time_ns()
+    body = send_event_body(user_id, qos, phase, call, sent_ns, endpoint_id=endpoint_id,
+                           organization_id=organization_id)
     try:
         status, answer = await connection.request(httplite.post_request(host, port, SEND_PATH, token, body),
                                                   timeout_s)
     except (OSError, TimeoutError, httplite.HttpError) as exc:
-        errors[short_error(exc)] += 1
+        tally.errors[short_error(exc)] += 1
         return None
-    http_ms.append((time.time_ns() - sent_ns) / 1e6)
-    statuses[status] += 1
+    tally.http_ms.append((time.time_ns() - sent_ns) / 1e6)
+    tally.statuses[status] += 1
     return status, answer
 
 
@@ -250,9 +263,7 @@ class Worker:
         token = tokens.mint(cmd["secret"], plan.SENDER)
         host, port, qos, phase = cmd["host"], cmd["port"], cmd["qos"], cmd["phase"]
         timeout = cmd["request_timeout_s"]
-        statuses: Counter[int] = Counter()
-        errors: Counter[str] = Counter()
-        http_ms: list[float] = []
+        tally = HttpTally()
         totals = {"answered": 0, "planned": 0, "sent": 0}
         connections = [await httplite.open_connection(host, port, timeout) for _ in range(cmd["concurrency"])]
         deadline = self.loop.time() + cmd["duration_s"]
@@ -266,10 +277,8 @@ class Worker:
                     user = users[rng.randrange(len(users))]
                     user_id, endpoint_id, expected = user.user_id, None, user.endpoints
                 totals["sent"] += 1
-                sent_ns = time.time_ns()
-                body = send_event_body(user_id, qos, phase, totals["sent"], sent_ns, endpoint_id=endpoint_id)
-                answered = await post_send_event(connection, host, port, token, body, timeout, sent_ns,
-                                                 errors, http_ms, statuses)
+                answered = await post_send_event(connection, host, port, token, timeout, tally, user_id, qos,
+                                                 phase, totals["sent"], endpoint_id=endpoint_id)
                 if answered is None:
                     return  # this connection is unusable now
                 status, answer = answered
@@ -282,10 +291,10 @@ class Worker:
         ended = time.time()
         for connection in connections:
             connection.close()
-        http_ms.sort()
+        statuses, http_ms = tally.statuses, sorted(tally.http_ms)
         return {
             "requests": totals["sent"], "statuses": {str(k): v for k, v in statuses.items()},
-            "ok_requests": statuses.get(200, 0), "errors": dict(errors.most_common(5)),
+            "ok_requests": statuses.get(200, 0), "errors": dict(tally.errors.most_common(5)),
             "answered": totals["answered"], "planned": totals["planned"], "t_start": started, "t_end": ended,
             "http_p50_ms": percentile(http_ms, 0.5), "http_p99_ms": percentile(http_ms, 0.99),
         }
